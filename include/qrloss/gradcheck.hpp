@@ -1,0 +1,73 @@
+#pragma once
+/// Numeric gradient check by central differences in double precision.
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "qrloss/tensor.hpp"
+
+namespace qrloss {
+
+/// Settings of check_gradient.
+struct GradientCheckOptions {
+  /// Relative step: h_i = step_scale * max(1, |x_i|). The default,
+  /// cbrt(DBL_EPSILON) ~ 6e-6, balances truncation error (~h^2) against
+  /// round-off (~DBL_EPSILON / h).
+  double step_scale = 6.0554544523933395e-06;
+  /// Relative tolerance of the pass test.
+  double rtol = 1e-6;
+  /// Absolute tolerance as a fraction of max(1, max |numeric|), so that
+  /// near-zero entries are judged on the scale of the whole gradient.
+  double atol_scale = 1e-9;
+  /// Flat indices to check. When empty, every element is checked if there
+  /// are at most max_elements, otherwise max_elements indices drawn with
+  /// `seed`.
+  std::vector<std::int64_t> indices;
+  std::int64_t max_elements = 4096;
+  std::uint64_t seed = 0;
+  /// Optional shape of x, used only to print the worst index as
+  /// (b=..,c=..,h=..,w=..).
+  Shape shape;
+};
+
+/// Result of check_gradient.
+struct GradientCheckReport {
+  std::int64_t num_checked = 0;
+  std::int64_t num_failed = 0;
+  /// Largest |analytic - numeric| and its flat index.
+  double max_abs_error = 0.0;
+  std::int64_t max_abs_index = -1;
+  /// Largest |analytic - numeric| / max(|analytic|, |numeric|) over entries
+  /// whose scale is above atol, and its flat index (-1 if none).
+  double max_rel_error = 0.0;
+  std::int64_t max_rel_index = -1;
+  /// The entry that exceeds its tolerance by the largest factor (or, if all
+  /// pass, comes closest), with both values.
+  std::int64_t worst_index = -1;
+  std::string worst_position;
+  double worst_analytic = 0.0;
+  double worst_numeric = 0.0;
+  /// The absolute tolerance used: atol_scale * max(1, max |numeric|).
+  double atol = 0.0;
+  bool passed = false;
+
+  /// One-line summary naming the worst entry, for test output and logs.
+  std::string summary() const;
+};
+
+/// Compares `analytic` with central differences of `f` at `x`:
+///   numeric_i = (f(x + h_i e_i) - f(x - h_i e_i)) / (2 h_i)
+/// An entry passes when |a - n| <= atol + rtol * max(|a|, |n|).
+/// `f` is called twice per checked entry on a copy of x; x is not modified.
+/// @throws qrloss::invalid_argument if x and analytic differ in size, x is
+///   empty, an index is out of range, or f returns a non-finite value.
+GradientCheckReport check_gradient(
+    const std::function<double(const Eigen::VectorXd&)>& f,
+    const Eigen::VectorXd& x, const Eigen::VectorXd& analytic,
+    const GradientCheckOptions& options = {});
+
+}  // namespace qrloss

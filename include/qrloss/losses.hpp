@@ -1,0 +1,234 @@
+#pragma once
+/// QR and RQ losses (Rolf et al., "Resolving label uncertainty with implicit
+/// generative models", ICLR 2022) and their exact gradients.
+///
+/// Notation: q = probs, p = target (the per-pixel prior), x = logits,
+/// N = number of pixels over (b, h, w). Tensors are row-major (B, C, H, W)
+/// with W fastest, or (B, C), which is treated as (B, C, 1, 1). Every sum is
+/// accumulated in double, also for float inputs. Results are bitwise
+/// identical for any thread count: pixels are split into chunks whose
+/// boundaries depend only on the shape, and per-chunk partial sums are added
+/// in chunk order.
+///
+/// Shared rules of every function below:
+/// - eps must be finite and >= 0 (default 1e-8). 0 * log(0) counts as 0.
+/// - probs and target must be finite and >= 0; logits must be finite. Rows of
+///   target need not sum to 1 (they are used as given; see
+///   validate_target).
+/// - The gradient buffer must have the same shape, must not overlap probs,
+///   logits or target, and needs no particular alignment. It is fully
+///   written on success; after an exception its contents are unspecified.
+/// - At an entry of probs that is exactly 0 the gradient is the one-sided
+///   derivative from q >= 0. Below a clamp (RQ's class sum s_c < eps, or a
+///   pixel's sum < 1e-12) the clamped value has derivative 0.
+/// @throws qrloss::invalid_argument (derived from std::invalid_argument) on
+///   null data, rank other than 2 or 4, a zero or negative extent, an element
+///   count that overflows, shape mismatch, bad eps, overlapping buffers, or
+///   non-finite or negative input values (the message names the tensor and
+///   the first bad index).
+/// Derivations and the pass structure: docs/derivations.md.
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "qrloss/tensor.hpp"
+
+namespace qrloss {
+
+/// Default eps added inside every log, as in the reference implementation.
+inline constexpr double kDefaultEps = 1e-8;
+
+/// Threshold below which RQ's per-pixel sum sum_c q*p/s_c is clamped.
+inline constexpr double kPixelSumFloor = 1e-12;
+
+/// Settings shared by all loss entry points.
+struct LossOptions {
+  /// Added inside every log; must be finite and >= 0.
+  double eps = kDefaultEps;
+  /// Reject NaN, infinite and negative input values with an error naming the
+  /// first bad index. When false, such values give unspecified results.
+  bool check_finite = true;
+  /// OpenMP threads for this call; 0 uses omp_get_max_threads().
+  int num_threads = 0;
+};
+
+/// The two losses.
+enum class LossKind { kQR, kRQ };
+
+/// Returns "qr" or "rq".
+const char* loss_name(LossKind kind);
+
+// ---------------------------------------------------------------------------
+// Pointer interface: the data of a row-major tensor and its shape.
+// ---------------------------------------------------------------------------
+
+/// Computes the QR loss.
+///   qbar_c = (1/N) sum_pixels q_c
+///   L = sum_c qbar_c * log(qbar_c + eps)
+///       - (1/N) sum_pixels sum_c q_c * log(p_c + eps)          [eq. 1]
+/// Shapes: probs and target both `shape`. Cost: one pass over both.
+template <typename T>
+double qr_loss(const T* probs, const T* target, const Shape& shape,
+               const LossOptions& options = {});
+
+/// Computes the QR loss and writes dL/dq into dL_dq.
+///   dL/dq_c = (1/N) * (log(qbar_c + eps) + qbar_c / (qbar_c + eps)
+///                      - log(p_c + eps))                        [eq. 2]
+/// With eps = 0, a class with qbar_c = 0 gets -inf, and an entry with
+/// p = 0 gets +inf (the loss is +inf for any q > 0 there).
+/// Cost: a reduction pass over probs and target, then a pass that reads
+/// target and writes dL_dq.
+template <typename T>
+double qr_loss_grad(const T* probs, const T* target, T* dL_dq,
+                    const Shape& shape, const LossOptions& options = {});
+
+/// Computes the RQ loss.
+///   s_c = max(sum_pixels q_c, eps)
+///   r_c = (q_c p_c / s_c) / max(sum_k q_k p_k / s_k, 1e-12)   per pixel
+///   L = (1/N) sum_pixels sum_c r_c * (log(r_c + eps) - log(q_c + eps))
+///                                                               [eq. 3]
+/// With eps = 0 every class must have a positive sum over the batch, since
+/// z = q / s_c would be 0/0 (an error is thrown otherwise).
+template <typename T>
+double rq_loss(const T* probs, const T* target, const Shape& shape,
+               const LossOptions& options = {});
+
+/// Computes the RQ loss and writes dL/dq into dL_dq.
+///   a_c = log(r_c + eps) - log(q_c + eps) + r_c / (r_c + eps)
+///   abar = sum_c a_c r_c            (0 where the pixel sum is clamped)
+///   w_c = p_c / (s_c t),  t = the clamped pixel sum
+///   G_c = (1/N) sum_pixels r_c (a_c - abar)
+///   dL/dq_c = (1/N) w_c (a_c - abar - q_c / (q_c + eps)) - G_c / s_c
+///             (the last term is 0 when s_c is clamped)          [eq. 4]
+/// Cost: a pass over probs for s_c, a pass over probs and target that
+/// writes the per-pixel part of the gradient, and a pass over dL_dq.
+template <typename T>
+double rq_loss_grad(const T* probs, const T* target, T* dL_dq,
+                    const Shape& shape, const LossOptions& options = {});
+
+/// Computes the QR loss of softmax(logits) over C without a probs buffer.
+template <typename T>
+double qr_loss_from_logits(const T* logits, const T* target,
+                           const Shape& shape,
+                           const LossOptions& options = {});
+
+/// Computes the QR loss of q = softmax(logits) and writes dL/dx into dL_dx.
+///   dL/dx_c = q_c * (g_c - sum_k g_k q_k),  g = dL/dq of eq. 2  [eq. 7]
+/// The softmax is recomputed in each pass; no probs buffer is needed.
+template <typename T>
+double qr_loss_grad_from_logits(const T* logits, const T* target, T* dL_dx,
+                                const Shape& shape,
+                                const LossOptions& options = {});
+
+/// Computes the RQ loss of softmax(logits) over C without a probs buffer.
+template <typename T>
+double rq_loss_from_logits(const T* logits, const T* target,
+                           const Shape& shape,
+                           const LossOptions& options = {});
+
+/// Computes the RQ loss of q = softmax(logits) and writes dL/dx into dL_dx
+/// (eq. 4 chained through eq. 7).
+template <typename T>
+double rq_loss_grad_from_logits(const T* logits, const T* target, T* dL_dx,
+                                const Shape& shape,
+                                const LossOptions& options = {});
+
+/// Computes either loss from probs; writes dL/dq when dL_dq is not null.
+template <typename T>
+double compute_loss(LossKind kind, const T* probs, const T* target,
+                    T* dL_dq, const Shape& shape,
+                    const LossOptions& options = {});
+
+/// Computes either loss from logits; writes dL/dx when dL_dx is not null.
+template <typename T>
+double compute_loss_from_logits(LossKind kind, const T* logits,
+                                const T* target, T* dL_dx,
+                                const Shape& shape,
+                                const LossOptions& options = {});
+
+// ---------------------------------------------------------------------------
+// Eigen::TensorMap interface: the same functions over rank-2 or rank-4
+// row-major TensorMaps (for example ConstTensorView<float, 4>).
+// ---------------------------------------------------------------------------
+
+#define QRLOSS_TENSOR_MAP_OVERLOADS_(name)                                    \
+  template <typename ProbsMap, typename TargetMap,                            \
+            typename = std::enable_if_t<                                      \
+                detail::is_loss_tensor_map<ProbsMap>::value &&                \
+                detail::is_loss_tensor_map<TargetMap>::value>>                \
+  double name(const ProbsMap& first, const TargetMap& target,                 \
+              const LossOptions& options = {}) {                              \
+    detail::check_same_shape(#name, "target", detail::shape_of(first),        \
+                             detail::shape_of(target));                       \
+    return name(first.data(), target.data(), detail::shape_of(first),         \
+                options);                                                     \
+  }                                                                           \
+  template <typename ProbsMap, typename TargetMap, typename GradMap,          \
+            typename = std::enable_if_t<                                      \
+                detail::is_loss_tensor_map<ProbsMap>::value &&                \
+                detail::is_loss_tensor_map<TargetMap>::value &&               \
+                detail::is_loss_tensor_map<GradMap>::value>>                  \
+  double name##_grad(const ProbsMap& first, const TargetMap& target,          \
+                     GradMap& grad, const LossOptions& options = {}) {        \
+    detail::check_same_shape(#name "_grad", "target",                         \
+                             detail::shape_of(first),                         \
+                             detail::shape_of(target));                       \
+    detail::check_same_shape(#name "_grad", "gradient",                       \
+                             detail::shape_of(first),                         \
+                             detail::shape_of(grad));                         \
+    return name##_grad(first.data(), target.data(), grad.data(),              \
+                       detail::shape_of(first), options);                     \
+  }
+
+namespace detail {
+/// Throws unless `actual` equals `expected`; names the function and tensor.
+void check_same_shape(const char* function, const char* tensor,
+                      const Shape& expected, const Shape& actual);
+}  // namespace detail
+
+QRLOSS_TENSOR_MAP_OVERLOADS_(qr_loss)
+QRLOSS_TENSOR_MAP_OVERLOADS_(rq_loss)
+
+// The logits variants are named qr_loss_from_logits / ..._grad_from_logits,
+// so they get their own pair of overloads.
+#define QRLOSS_TENSOR_MAP_LOGITS_OVERLOADS_(prefix)                           \
+  template <typename LogitsMap, typename TargetMap,                           \
+            typename = std::enable_if_t<                                      \
+                detail::is_loss_tensor_map<LogitsMap>::value &&               \
+                detail::is_loss_tensor_map<TargetMap>::value>>                \
+  double prefix##_from_logits(const LogitsMap& logits,                        \
+                              const TargetMap& target,                        \
+                              const LossOptions& options = {}) {              \
+    detail::check_same_shape(#prefix "_from_logits", "target",                \
+                             detail::shape_of(logits),                        \
+                             detail::shape_of(target));                       \
+    return prefix##_from_logits(logits.data(), target.data(),                 \
+                                detail::shape_of(logits), options);           \
+  }                                                                           \
+  template <typename LogitsMap, typename TargetMap, typename GradMap,         \
+            typename = std::enable_if_t<                                      \
+                detail::is_loss_tensor_map<LogitsMap>::value &&               \
+                detail::is_loss_tensor_map<TargetMap>::value &&               \
+                detail::is_loss_tensor_map<GradMap>::value>>                  \
+  double prefix##_grad_from_logits(const LogitsMap& logits,                   \
+                                   const TargetMap& target, GradMap& grad,    \
+                                   const LossOptions& options = {}) {         \
+    detail::check_same_shape(#prefix "_grad_from_logits", "target",           \
+                             detail::shape_of(logits),                        \
+                             detail::shape_of(target));                       \
+    detail::check_same_shape(#prefix "_grad_from_logits", "gradient",         \
+                             detail::shape_of(logits),                        \
+                             detail::shape_of(grad));                         \
+    return prefix##_grad_from_logits(logits.data(), target.data(),            \
+                                     grad.data(), detail::shape_of(logits),   \
+                                     options);                                \
+  }
+
+QRLOSS_TENSOR_MAP_LOGITS_OVERLOADS_(qr_loss)
+QRLOSS_TENSOR_MAP_LOGITS_OVERLOADS_(rq_loss)
+
+#undef QRLOSS_TENSOR_MAP_OVERLOADS_
+#undef QRLOSS_TENSOR_MAP_LOGITS_OVERLOADS_
+
+}  // namespace qrloss

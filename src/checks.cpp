@@ -1,0 +1,184 @@
+// Argument checks and error messages shared by every entry point.
+
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <sstream>
+#include <string>
+
+#include "detail/passes.hpp"
+#include "qrloss/error.hpp"
+#include "qrloss/losses.hpp"
+#include "qrloss/tensor.hpp"
+
+namespace qrloss {
+
+std::string format_shape(const Shape& shape) {
+  std::ostringstream out;
+  out << '[';
+  for (std::size_t d = 0; d < shape.size(); ++d) {
+    if (d > 0) out << ',';
+    out << shape[d];
+  }
+  out << ']';
+  return out.str();
+}
+
+const char* loss_name(LossKind kind) {
+  return kind == LossKind::kQR ? "qr" : "rq";
+}
+
+namespace detail {
+
+namespace {
+
+std::string format_double(double value) {
+  std::ostringstream out;
+  out.precision(std::numeric_limits<double>::max_digits10);
+  out << value;
+  return out.str();
+}
+
+}  // namespace
+
+void check_same_shape(const char* function, const char* tensor,
+                      const Shape& expected, const Shape& actual) {
+  if (expected == actual) return;
+  throw invalid_argument(std::string(function) + ": shape mismatch: expected " +
+                         tensor + " " + format_shape(expected) + ", got " +
+                         format_shape(actual));
+}
+
+std::string Geometry::position(Index flat, const Shape& shape) const {
+  const Index pixel = flat % P;
+  const Index c = (flat / P) % C;
+  const Index b = flat / (P * C);
+  std::ostringstream out;
+  out << "(b=" << b << ",c=" << c;
+  if (shape.size() == 4) {
+    const Index W = shape[3];
+    out << ",h=" << pixel / W << ",w=" << pixel % W;
+  }
+  out << ')';
+  return out.str();
+}
+
+Geometry make_geometry(const char* function, const char* tensor,
+                       const Shape& shape, std::size_t element_size) {
+  const std::string prefix = std::string(function) + ": ";
+  if (shape.size() != 2 && shape.size() != 4) {
+    throw invalid_argument(prefix + "bad rank: expected " + tensor +
+                           " of rank 2 (B,C) or 4 (B,C,H,W), got rank " +
+                           std::to_string(shape.size()) + " " +
+                           format_shape(shape));
+  }
+  for (std::int64_t extent : shape) {
+    if (extent <= 0) {
+      throw invalid_argument(prefix + "empty tensor: " + tensor +
+                             " has shape " + format_shape(shape) +
+                             ", expected every extent >= 1");
+    }
+  }
+  // Checked products: an overflowing count must be an error, not a wrapped
+  // size that allocates or indexes the wrong amount of memory.
+  const std::int64_t max_elements =
+      std::numeric_limits<std::int64_t>::max() /
+      static_cast<std::int64_t>(element_size);
+  std::int64_t count = 1;
+  for (std::int64_t extent : shape) {
+    if (count > max_elements / extent) {
+      throw invalid_argument(prefix + "size overflow: " + tensor +
+                             " shape " + format_shape(shape) +
+                             " has more bytes than fit in int64");
+    }
+    count *= extent;
+  }
+  Geometry geometry;
+  geometry.rank = static_cast<int>(shape.size());
+  geometry.B = shape[0];
+  geometry.C = shape[1];
+  geometry.P = shape.size() == 4 ? shape[2] * shape[3] : 1;
+  return geometry;
+}
+
+void check_eps(const char* function, double eps) {
+  if (std::isfinite(eps) && eps >= 0.0) return;
+  throw invalid_argument(std::string(function) +
+                         ": bad eps: expected finite and >= 0, got " +
+                         format_double(eps));
+}
+
+void check_not_null(const char* function, const char* tensor,
+                    const void* data) {
+  if (data != nullptr) return;
+  throw invalid_argument(std::string(function) + ": null data: " + tensor +
+                         " is a null pointer");
+}
+
+void check_no_overlap(const char* function, const char* output_name,
+                      const void* output, const char* input_name,
+                      const void* input, std::size_t bytes) {
+  const auto out_begin = reinterpret_cast<std::uintptr_t>(output);
+  const auto in_begin = reinterpret_cast<std::uintptr_t>(input);
+  const bool disjoint =
+      out_begin + bytes <= in_begin || in_begin + bytes <= out_begin;
+  if (disjoint) return;
+  throw invalid_argument(std::string(function) + ": overlapping buffers: " +
+                         output_name + " overlaps " + input_name +
+                         "; pass a separate output buffer");
+}
+
+int resolve_threads(int requested) {
+  if (requested > 0) return requested;
+  return std::max(1, omp_get_max_threads());
+}
+
+template <typename T>
+void throw_bad_value(const char* function, const char* tensor, const T* data,
+                     Index flat, const Geometry& geometry,
+                     const Shape& shape) {
+  const T value = data[flat];
+  const char* problem = std::isfinite(value) ? "negative input"
+                                             : "non-finite input";
+  throw invalid_argument(std::string(function) + ": " + problem + ": " +
+                         tensor + " is " + format_double(value) + " at " +
+                         geometry.position(flat, shape) +
+                         (std::isfinite(value) ? ", expected >= 0" : ""));
+}
+
+template <typename T>
+void check_values(const char* function, const char* tensor, const T* data,
+                  const Geometry& geometry, const Shape& shape,
+                  ValueRule rule, int threads) {
+  const ChunkPlan plan = plan_chunks(geometry.num_pixels());
+  BadIndexLog log(plan.num_chunks);
+  const Index tile = tile_pixels(geometry.C);
+  run_chunks(plan, threads, [&](Index chunk, int) {
+    const Index begin = chunk * plan.chunk_pixels;
+    const Index end = std::min(begin + plan.chunk_pixels, geometry.num_pixels());
+    for_each_tile(geometry, begin, end, tile, [&](Index b, Index p0, Index n) {
+      for (Index c = 0; c < geometry.C; ++c) {
+        const Index row = geometry.offset(b, c, p0);
+        scan_row(data + row, n, rule, row, chunk, log);
+      }
+    });
+  });
+  const Index bad = log.first();
+  if (bad >= 0) throw_bad_value(function, tensor, data, bad, geometry, shape);
+}
+
+template void throw_bad_value<float>(const char*, const char*, const float*,
+                                     Index, const Geometry&, const Shape&);
+template void throw_bad_value<double>(const char*, const char*, const double*,
+                                      Index, const Geometry&, const Shape&);
+template void check_values<float>(const char*, const char*, const float*,
+                                  const Geometry&, const Shape&, ValueRule,
+                                  int);
+template void check_values<double>(const char*, const char*, const double*,
+                                   const Geometry&, const Shape&, ValueRule,
+                                   int);
+
+}  // namespace detail
+}  // namespace qrloss

@@ -1,0 +1,246 @@
+#pragma once
+// Building blocks of every pixel pass: argument checks, the deterministic
+// chunk plan, tiles of pixels, lane sums and input scans.
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "qrloss/error.hpp"
+#include "qrloss/tensor.hpp"
+
+namespace qrloss::detail {
+
+using Index = std::int64_t;
+
+template <typename T>
+using ArrayX = Eigen::Array<T, Eigen::Dynamic, 1>;
+template <typename T>
+using ArrayMap = Eigen::Map<ArrayX<T>>;
+template <typename T>
+using ConstArrayMap = Eigen::Map<const ArrayX<T>>;
+
+/// Memory order of the class axis. Only channels-first (B, C, H, W) exists
+/// today; a channels-last layout changes Geometry::offset and the tile
+/// loads, not the passes.
+enum class Layout { kChannelsFirst };
+
+/// Extents of one call: B items, C classes, P = H*W pixels per item.
+struct Geometry {
+  Index B = 0;
+  Index C = 0;
+  Index P = 0;
+  int rank = 4;
+  Layout layout = Layout::kChannelsFirst;
+
+  Index num_pixels() const { return B * P; }
+  Index num_elements() const { return B * C * P; }
+  /// Flat element index of (b, c, pixel).
+  Index offset(Index b, Index c, Index pixel) const {
+    return (b * C + c) * P + pixel;
+  }
+  /// Formats a flat element index as (b=..,c=..,h=..,w=..).
+  std::string position(Index flat, const Shape& shape) const;
+};
+
+/// Validates a shape and returns its geometry. The element count and byte
+/// count are checked against int64 and size_t overflow before anything is
+/// allocated.
+Geometry make_geometry(const char* function, const char* tensor,
+                       const Shape& shape, std::size_t element_size);
+
+/// Throws unless eps is finite and >= 0.
+void check_eps(const char* function, double eps);
+
+/// Throws if `data` is null.
+void check_not_null(const char* function, const char* tensor,
+                    const void* data);
+
+/// Throws if the byte ranges of `output` and `input` overlap.
+void check_no_overlap(const char* function, const char* output_name,
+                      const void* output, const char* input_name,
+                      const void* input, std::size_t bytes);
+
+/// Resolves the requested thread count (0 = OpenMP default).
+int resolve_threads(int requested);
+
+/// Pixel chunks whose boundaries depend only on the pixel count, so that
+/// per-chunk partial sums combined in chunk order give the same bits for any
+/// thread count.
+struct ChunkPlan {
+  Index num_chunks = 1;
+  Index chunk_pixels = 1;
+};
+
+/// At most this many chunks: enough to balance 16+ threads while the
+/// partial-sum scratch stays O(C) per chunk.
+inline constexpr Index kMaxChunks = 256;
+/// Chunks below this many pixels would spend more on scheduling than work.
+inline constexpr Index kMinChunkPixels = 2048;
+
+inline ChunkPlan plan_chunks(Index num_pixels) {
+  ChunkPlan plan;
+  Index wanted = (num_pixels + kMinChunkPixels - 1) / kMinChunkPixels;
+  wanted = std::clamp<Index>(wanted, 1, kMaxChunks);
+  plan.chunk_pixels = (num_pixels + wanted - 1) / wanted;
+  plan.num_chunks = (num_pixels + plan.chunk_pixels - 1) / plan.chunk_pixels;
+  return plan;
+}
+
+/// Pixels per tile: a tile holds all C classes of its pixels in L1/L2-sized
+/// scratch. Depends only on C, so per-pixel results never depend on threads.
+inline Index tile_pixels(Index C) {
+  constexpr Index kTileElements = 8192;
+  constexpr Index kMinTile = 16;
+  constexpr Index kMaxTile = 1024;
+  Index tile = std::clamp<Index>(kTileElements / C, kMinTile, kMaxTile);
+  return tile / kMinTile * kMinTile;
+}
+
+/// Runs body(chunk, thread) for every chunk of the plan on `threads` OpenMP
+/// threads. The body must not throw.
+template <typename Body>
+void run_chunks(const ChunkPlan& plan, int threads, Body&& body) {
+  const int team = static_cast<int>(
+      std::min<Index>(static_cast<Index>(threads), plan.num_chunks));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team)
+  for (Index chunk = 0; chunk < plan.num_chunks; ++chunk) {
+    body(chunk, omp_get_thread_num());
+  }
+}
+
+/// Calls tile(b, first_pixel, length) for the tiles covering global pixels
+/// [begin, end), never crossing a batch item.
+template <typename TileFn>
+void for_each_tile(const Geometry& geometry, Index begin, Index end,
+                   Index tile_length, TileFn&& tile) {
+  Index n = begin;
+  while (n < end) {
+    const Index b = n / geometry.P;
+    const Index pixel = n - b * geometry.P;
+    const Index item_end = std::min(end, (b + 1) * geometry.P);
+    const Index length = std::min(tile_length, item_end - n);
+    tile(b, pixel, length);
+    n += length;
+  }
+}
+
+/// Sums term(i) for i in [0, n) in double over eight fixed lanes that are
+/// combined in a fixed order: the compiler can vectorise it without
+/// reassociating, and the result does not depend on alignment.
+template <typename Term>
+inline double lane_sum(Index n, Term&& term) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  Index i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) acc[j] += term(i + j);
+  }
+  for (int j = 0; i + j < n; ++j) acc[j] += term(i + j);
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) +
+         ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+/// Per-chunk partial sums of `width` values, combined in chunk order.
+class PartialSums {
+ public:
+  PartialSums(Index num_chunks, Index width)
+      : width_(width), values_(static_cast<std::size_t>(num_chunks * width)) {}
+  double* chunk(Index k) { return values_.data() + k * width_; }
+  /// Adds the chunks in order into a vector of `width` totals.
+  std::vector<double> total() const {
+    std::vector<double> sum(static_cast<std::size_t>(width_), 0.0);
+    const Index chunks = static_cast<Index>(values_.size()) / width_;
+    for (Index k = 0; k < chunks; ++k) {
+      for (Index j = 0; j < width_; ++j) sum[j] += values_[k * width_ + j];
+    }
+    return sum;
+  }
+
+ private:
+  Index width_;
+  std::vector<double> values_;
+};
+
+/// Which values an input may take.
+enum class ValueRule { kNonNegative, kFinite };
+
+/// First bad element found per chunk (-1 for none); the smallest over all
+/// chunks is the first bad index in memory order.
+class BadIndexLog {
+ public:
+  explicit BadIndexLog(Index num_chunks)
+      : first_(static_cast<std::size_t>(num_chunks), -1) {}
+  void record(Index chunk, Index flat) {
+    Index& slot = first_[static_cast<std::size_t>(chunk)];
+    if (slot < 0 || flat < slot) slot = flat;
+  }
+  Index first() const {
+    Index best = -1;
+    for (Index v : first_) {
+      if (v >= 0 && (best < 0 || v < best)) best = v;
+    }
+    return best;
+  }
+
+ private:
+  std::vector<Index> first_;
+};
+
+/// True when every value of x[0, n) satisfies the rule. Vectorisable: it
+/// folds comparisons with &, and NaN fails both comparisons.
+template <typename T>
+inline bool all_valid(const T* x, Index n, ValueRule rule) {
+  constexpr T kMax = std::numeric_limits<T>::max();
+  bool ok = true;
+  if (rule == ValueRule::kNonNegative) {
+    for (Index i = 0; i < n; ++i) ok &= (x[i] >= T(0)) & (x[i] <= kMax);
+  } else {
+    for (Index i = 0; i < n; ++i) ok &= (x[i] >= -kMax) & (x[i] <= kMax);
+  }
+  return ok;
+}
+
+/// Index of the first value of x[0, n) that breaks the rule, or -1.
+template <typename T>
+inline Index first_invalid(const T* x, Index n, ValueRule rule) {
+  for (Index i = 0; i < n; ++i) {
+    const T v = x[i];
+    const bool ok = rule == ValueRule::kNonNegative
+                        ? (v >= T(0) && std::isfinite(v))
+                        : std::isfinite(v);
+    if (!ok) return i;
+  }
+  return -1;
+}
+
+/// Checks one class row of a tile and logs the first bad element.
+template <typename T>
+inline void scan_row(const T* row, Index length, ValueRule rule,
+                     Index row_offset, Index chunk, BadIndexLog& log) {
+  if (all_valid(row, length, rule)) return;
+  const Index i = first_invalid(row, length, rule);
+  if (i >= 0) log.record(chunk, row_offset + i);
+}
+
+/// Throws the error for a bad value found by a scan, naming the tensor, the
+/// value and its position.
+template <typename T>
+[[noreturn]] void throw_bad_value(const char* function, const char* tensor,
+                                  const T* data, Index flat,
+                                  const Geometry& geometry,
+                                  const Shape& shape);
+
+/// Scans a whole tensor serially (used where no pass reads it first).
+template <typename T>
+void check_values(const char* function, const char* tensor, const T* data,
+                  const Geometry& geometry, const Shape& shape,
+                  ValueRule rule, int threads);
+
+}  // namespace qrloss::detail

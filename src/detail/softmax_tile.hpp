@@ -1,0 +1,62 @@
+#pragma once
+// Softmax and its vector-Jacobian product over one tile of pixels.
+
+#include <algorithm>
+
+#include "detail/passes.hpp"
+
+namespace qrloss::detail {
+
+/// Computes q = softmax(x) over C for n pixels. Row c of x starts at
+/// x + c * x_stride; row c of q at q + c * q_stride (aligned scratch).
+/// `pixel` (T) and `sum` (double) are scratch of at least n entries.
+template <typename T>
+void softmax_tile(const T* x, Index x_stride, Index C, Index n, T* q,
+                  Index q_stride, T* pixel, double* sum) {
+  // Subtracting the per-pixel max keeps exp <= 1, so nothing overflows.
+  std::copy(x, x + n, pixel);
+  for (Index c = 1; c < C; ++c) {
+    const T* row = x + c * x_stride;
+    for (Index i = 0; i < n; ++i) pixel[i] = std::max(pixel[i], row[i]);
+  }
+  std::fill(sum, sum + n, 0.0);
+  for (Index c = 0; c < C; ++c) {
+    T* out = q + c * q_stride;
+    ArrayMap<T>(out, n) =
+        (ConstArrayMap<T>(x + c * x_stride, n) - ConstArrayMap<T>(pixel, n))
+            .exp();
+    for (Index i = 0; i < n; ++i) sum[i] += static_cast<double>(out[i]);
+  }
+  for (Index i = 0; i < n; ++i) pixel[i] = static_cast<T>(1.0 / sum[i]);
+  for (Index c = 0; c < C; ++c) {
+    T* out = q + c * q_stride;
+    for (Index i = 0; i < n; ++i) out[i] *= pixel[i];
+  }
+}
+
+/// Writes dx_c = q_c * (g_c - sum_k g_k q_k) for n pixels. Rows are
+/// strided as in softmax_tile. `out` may be the same memory as `g`, since
+/// every g of a pixel is read before any of its outputs is written.
+/// `dot` (double) and `pixel` (T) are scratch of at least n entries.
+template <typename T>
+void softmax_vjp_tile(const T* q, Index q_stride, const T* g, Index g_stride,
+                      T* out, Index out_stride, Index C, Index n, double* dot,
+                      T* pixel) {
+  std::fill(dot, dot + n, 0.0);
+  for (Index c = 0; c < C; ++c) {
+    const T* qr = q + c * q_stride;
+    const T* gr = g + c * g_stride;
+    for (Index i = 0; i < n; ++i) {
+      dot[i] += static_cast<double>(gr[i]) * static_cast<double>(qr[i]);
+    }
+  }
+  for (Index i = 0; i < n; ++i) pixel[i] = static_cast<T>(dot[i]);
+  for (Index c = 0; c < C; ++c) {
+    const T* qr = q + c * q_stride;
+    const T* gr = g + c * g_stride;
+    T* dst = out + c * out_stride;
+    for (Index i = 0; i < n; ++i) dst[i] = qr[i] * (gr[i] - pixel[i]);
+  }
+}
+
+}  // namespace qrloss::detail

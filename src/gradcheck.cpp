@@ -1,0 +1,137 @@
+// Central-difference gradient check.
+
+#include "qrloss/gradcheck.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <sstream>
+#include <string>
+
+#include "detail/passes.hpp"
+#include "qrloss/error.hpp"
+
+namespace qrloss {
+namespace {
+
+std::vector<std::int64_t> choose_indices(const GradientCheckOptions& options,
+                                         std::int64_t size) {
+  if (!options.indices.empty()) {
+    for (std::int64_t index : options.indices) {
+      if (index < 0 || index >= size) {
+        throw invalid_argument("check_gradient: index out of range: " +
+                               std::to_string(index) + " for x of size " +
+                               std::to_string(size));
+      }
+    }
+    return options.indices;
+  }
+  std::vector<std::int64_t> indices;
+  if (options.max_elements <= 0 || size <= options.max_elements) {
+    indices.resize(static_cast<std::size_t>(size));
+    for (std::int64_t i = 0; i < size; ++i) indices[i] = i;
+    return indices;
+  }
+  std::mt19937_64 engine(options.seed);
+  std::uniform_int_distribution<std::int64_t> pick(0, size - 1);
+  for (std::int64_t k = 0; k < options.max_elements; ++k) {
+    indices.push_back(pick(engine));
+  }
+  std::sort(indices.begin(), indices.end());
+  indices.erase(std::unique(indices.begin(), indices.end()), indices.end());
+  return indices;
+}
+
+std::string position_of(std::int64_t flat, const Shape& shape) {
+  if (shape.size() != 2 && shape.size() != 4) return "[" + std::to_string(flat) + "]";
+  detail::Geometry geometry;
+  geometry.B = shape[0];
+  geometry.C = shape[1];
+  geometry.P = shape.size() == 4 ? shape[2] * shape[3] : 1;
+  return geometry.position(flat, shape);
+}
+
+}  // namespace
+
+std::string GradientCheckReport::summary() const {
+  std::ostringstream out;
+  out.precision(6);
+  out << (passed ? "gradient check passed" : "gradient check FAILED") << ": "
+      << num_failed << " of " << num_checked
+      << " entries out of tolerance; max abs error " << max_abs_error
+      << ", max rel error " << max_rel_error << ", atol " << atol
+      << "; worst entry " << worst_position << " analytic "
+      << worst_analytic << " numeric " << worst_numeric;
+  return out.str();
+}
+
+GradientCheckReport check_gradient(
+    const std::function<double(const Eigen::VectorXd&)>& f,
+    const Eigen::VectorXd& x, const Eigen::VectorXd& analytic,
+    const GradientCheckOptions& options) {
+  if (x.size() == 0) {
+    throw invalid_argument("check_gradient: empty tensor: x has size 0");
+  }
+  if (analytic.size() != x.size()) {
+    throw invalid_argument("check_gradient: shape mismatch: expected analytic "
+                           "of size " + std::to_string(x.size()) + ", got " +
+                           std::to_string(analytic.size()));
+  }
+  const std::vector<std::int64_t> indices = choose_indices(options, x.size());
+
+  std::vector<double> numeric(indices.size());
+  Eigen::VectorXd point = x;
+  for (std::size_t k = 0; k < indices.size(); ++k) {
+    const std::int64_t i = indices[k];
+    const double h = options.step_scale * std::max(1.0, std::abs(x[i]));
+    point[i] = x[i] + h;
+    const double plus = f(point);
+    point[i] = x[i] - h;
+    const double minus = f(point);
+    point[i] = x[i];
+    if (!std::isfinite(plus) || !std::isfinite(minus)) {
+      throw invalid_argument(
+          "check_gradient: non-finite result: f is not finite at " +
+          position_of(i, options.shape) + " +/- " + std::to_string(h));
+    }
+    numeric[k] = (plus - minus) / (2.0 * h);
+  }
+
+  GradientCheckReport report;
+  report.num_checked = static_cast<std::int64_t>(indices.size());
+  double scale = 1.0;
+  for (double n : numeric) scale = std::max(scale, std::abs(n));
+  report.atol = options.atol_scale * scale;
+  double worst_ratio = -1.0;
+  for (std::size_t k = 0; k < indices.size(); ++k) {
+    const std::int64_t i = indices[k];
+    const double a = analytic[i];
+    const double n = numeric[k];
+    const double error = std::abs(a - n);
+    const double magnitude = std::max(std::abs(a), std::abs(n));
+    const double tolerance = report.atol + options.rtol * magnitude;
+    // NaN in the analytic gradient fails: the comparison below is false.
+    const bool ok = error <= tolerance;
+    if (!ok) ++report.num_failed;
+    if (error > report.max_abs_error || std::isnan(error)) {
+      report.max_abs_error = error;
+      report.max_abs_index = i;
+    }
+    if (magnitude > report.atol && error / magnitude > report.max_rel_error) {
+      report.max_rel_error = error / magnitude;
+      report.max_rel_index = i;
+    }
+    const double ratio = std::isnan(error) ? INFINITY : error / tolerance;
+    if (ratio > worst_ratio) {
+      worst_ratio = ratio;
+      report.worst_index = i;
+      report.worst_analytic = a;
+      report.worst_numeric = n;
+    }
+  }
+  report.worst_position = position_of(report.worst_index, options.shape);
+  report.passed = report.num_failed == 0;
+  return report;
+}
+
+}  // namespace qrloss

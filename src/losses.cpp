@@ -1,0 +1,590 @@
+// QR and RQ losses and their gradients. docs/derivations.md derives every
+// formula used here and describes the passes.
+
+#include "qrloss/losses.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "detail/passes.hpp"
+#include "detail/softmax_tile.hpp"
+#include "detail/workspace.hpp"
+#include "qrloss/error.hpp"
+
+namespace qrloss {
+namespace detail {
+namespace {
+
+/// Everything validated about one call before the first parallel region.
+struct CallSetup {
+  const char* function = "";
+  Shape shape;
+  Geometry geometry;
+  ChunkPlan plan;
+  Index tile = 0;
+  int threads = 1;
+  double eps = 0.0;
+  bool check = true;
+  double inv_pixels = 0.0;  // 1/N
+};
+
+template <typename T>
+CallSetup setup_call(const char* function, const char* input_name,
+                     const T* input, const T* target, const T* grad,
+                     const char* grad_name, const Shape& shape,
+                     const LossOptions& options) {
+  check_not_null(function, input_name, input);
+  check_not_null(function, "target", target);
+  CallSetup call;
+  call.function = function;
+  call.shape = shape;
+  call.geometry = make_geometry(function, input_name, shape, sizeof(T));
+  check_eps(function, options.eps);
+  if (options.num_threads < 0) {
+    throw invalid_argument(std::string(function) +
+                           ": bad num_threads: expected >= 0, got " +
+                           std::to_string(options.num_threads));
+  }
+  if (grad != nullptr) {
+    const auto bytes =
+        static_cast<std::size_t>(call.geometry.num_elements()) * sizeof(T);
+    check_no_overlap(function, grad_name, grad, input_name, input, bytes);
+    check_no_overlap(function, grad_name, grad, "target", target, bytes);
+  }
+  call.plan = plan_chunks(call.geometry.num_pixels());
+  call.tile = tile_pixels(call.geometry.C);
+  call.threads = static_cast<int>(std::min<Index>(
+      resolve_threads(options.num_threads), call.plan.num_chunks));
+  call.eps = options.eps;
+  call.check = options.check_finite;
+  call.inv_pixels = 1.0 / static_cast<double>(call.geometry.num_pixels());
+  return call;
+}
+
+/// Rows of q for one tile: row c starts at base + c * stride.
+template <typename T>
+struct Rows {
+  const T* base;
+  Index stride;
+  const T* row(Index c) const { return base + c * stride; }
+};
+
+/// Provides q for a tile: the caller's probs, or the softmax of the logits
+/// computed into the thread's scratch. Scans the input when `log` is set.
+template <typename T, bool kFromLogits>
+Rows<T> load_probs(const Geometry& geometry, const T* input, Index b,
+                   Index p0, Index n, Index tile, Workspace<T>& space,
+                   Index chunk, BadIndexLog* log) {
+  const T* first = input + geometry.offset(b, 0, p0);
+  if (log != nullptr) {
+    const ValueRule rule =
+        kFromLogits ? ValueRule::kFinite : ValueRule::kNonNegative;
+    for (Index c = 0; c < geometry.C; ++c) {
+      const Index row = geometry.offset(b, c, p0);
+      scan_row(input + row, n, rule, row, chunk, *log);
+    }
+  }
+  if constexpr (!kFromLogits) {
+    return {first, geometry.P};
+  } else {
+    softmax_tile(first, geometry.P, geometry.C, n, space.q.data(), tile,
+                 space.pixel.data(), space.sum.data());
+    return {space.q.data(), tile};
+  }
+}
+
+/// Runs tile_fn(b, p0, n) over the tiles of one chunk.
+template <typename TileFn>
+void for_each_tile_of_chunk(const CallSetup& call, Index chunk,
+                            TileFn&& tile_fn) {
+  const Index begin = chunk * call.plan.chunk_pixels;
+  const Index end =
+      std::min(begin + call.plan.chunk_pixels, call.geometry.num_pixels());
+  for_each_tile(call.geometry, begin, end, call.tile, tile_fn);
+}
+
+template <typename T>
+void raise_if_bad(const CallSetup& call, const char* tensor, const T* data,
+                  const BadIndexLog& log) {
+  const Index bad = log.first();
+  if (bad >= 0) {
+    throw_bad_value(call.function, tensor, data, bad, call.geometry,
+                    call.shape);
+  }
+}
+
+/// Final guard: valid input never gives NaN, but values near the top of the
+/// float range can overflow intermediate products.
+void raise_if_nan(const CallSetup& call, double value, const char* what) {
+  if (!std::isnan(value)) return;
+  throw invalid_argument(std::string(call.function) +
+                         ": non-finite result: " + what +
+                         " is NaN although the inputs passed validation; "
+                         "input magnitudes overflow the arithmetic, so "
+                         "rescale probs and target");
+}
+
+// ---------------------------------------------------------------------------
+// QR
+// ---------------------------------------------------------------------------
+
+template <typename T, bool kFromLogits>
+double qr_impl(const char* function, const T* input, const T* target,
+               T* grad, const Shape& shape, const LossOptions& options) {
+  const char* input_name = kFromLogits ? "logits" : "probs";
+  const CallSetup call =
+      setup_call(function, input_name, input, target, grad,
+                 kFromLogits ? "dL_dx" : "dL_dq", shape, options);
+  const Geometry& geometry = call.geometry;
+  const Index C = geometry.C;
+  const Index L = call.tile;
+  const bool eps_zero = call.eps == 0.0;
+  const T eps = static_cast<T>(call.eps);
+  WorkspaceNeeds needs;
+  needs.softmax = kFromLogits;
+  needs.grad_tile = kFromLogits && grad != nullptr;
+  std::vector<Workspace<T>> spaces =
+      make_workspaces<T>(call.threads, C, L, needs);
+
+  // Pass 1: per-class sums of q and sum q log(p + eps), fused [eq. 1].
+  PartialSums partial(call.plan.num_chunks, C + 1);
+  BadIndexLog bad_input(call.plan.num_chunks);
+  BadIndexLog bad_target(call.plan.num_chunks);
+  run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
+    Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
+    double* acc = partial.chunk(chunk);
+    std::fill(acc, acc + C + 1, 0.0);
+    for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
+      const Rows<T> probs = load_probs<T, kFromLogits>(
+          geometry, input, b, p0, n, L, space, chunk,
+          call.check ? &bad_input : nullptr);
+      T* log_p = space.tmp1.data();
+      for (Index c = 0; c < C; ++c) {
+        const T* q = probs.row(c);
+        const Index offset = geometry.offset(b, c, p0);
+        const T* p = target + offset;
+        if (call.check) {
+          scan_row(p, n, ValueRule::kNonNegative, offset, chunk, bad_target);
+        }
+        acc[c] += lane_sum(n, [&](Index i) { return double(q[i]); });
+        ArrayMap<T>(log_p, n) = (ConstArrayMap<T>(p, n) + eps).log();
+        // 0 * log(0) counts as 0, which matters when eps = 0.
+        acc[C] += lane_sum(n, [&](Index i) {
+          return q[i] > T(0) ? double(q[i]) * double(log_p[i]) : 0.0;
+        });
+      }
+    });
+  });
+  raise_if_bad(call, input_name, input, bad_input);
+  raise_if_bad(call, "target", target, bad_target);
+
+  const std::vector<double> totals = partial.total();
+  double loss = -call.inv_pixels * totals[static_cast<std::size_t>(C)];
+  std::vector<T> class_term(static_cast<std::size_t>(C));
+  for (Index c = 0; c < C; ++c) {
+    const double qbar = totals[static_cast<std::size_t>(c)] * call.inv_pixels;
+    double h = std::log(call.eps);  // limit of h as qbar -> 0+ [eq. 2]
+    if (qbar > 0.0) {
+      loss += qbar * std::log(qbar + call.eps);
+      h = std::log(qbar + call.eps) + qbar / (qbar + call.eps);
+    }
+    class_term[static_cast<std::size_t>(c)] =
+        static_cast<T>(call.inv_pixels * h);
+  }
+  raise_if_nan(call, loss, "the loss");
+  if (grad == nullptr) return loss;
+
+  // Pass 2: dL/dq = (1/N) (h_c - log(p + eps)) [eq. 2], chained to the
+  // logits per tile when the input is logits [eq. 7].
+  const T inv_pixels = static_cast<T>(call.inv_pixels);
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
+    Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
+    for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
+      Rows<T> probs{nullptr, 0};
+      if constexpr (kFromLogits) {
+        probs = load_probs<T, true>(geometry, input, b, p0, n, L, space,
+                                    chunk, nullptr);
+      }
+      T* log_p = space.tmp1.data();
+      for (Index c = 0; c < C; ++c) {
+        const Index offset = geometry.offset(b, c, p0);
+        const T* p = target + offset;
+        T* out = kFromLogits ? space.grad.data() + c * L : grad + offset;
+        const T h = class_term[static_cast<std::size_t>(c)];
+        ArrayMap<T>(log_p, n) = (ConstArrayMap<T>(p, n) + eps).log();
+        if (eps_zero) {
+          // With eps = 0 the loss is +inf for any q > 0 where p = 0.
+          for (Index i = 0; i < n; ++i) {
+            out[i] = p[i] > T(0) ? h - inv_pixels * log_p[i] : kInf;
+          }
+        } else {
+          for (Index i = 0; i < n; ++i) out[i] = h - inv_pixels * log_p[i];
+        }
+      }
+      if constexpr (kFromLogits) {
+        softmax_vjp_tile(probs.base, L, space.grad.data(), L,
+                         grad + geometry.offset(b, 0, p0), geometry.P, C, n,
+                         space.sum.data(), space.pixel.data());
+      }
+    });
+  });
+  return loss;
+}
+
+// ---------------------------------------------------------------------------
+// RQ
+// ---------------------------------------------------------------------------
+
+template <typename T, bool kFromLogits>
+double rq_impl(const char* function, const T* input, const T* target,
+               T* grad, const Shape& shape, const LossOptions& options) {
+  const char* input_name = kFromLogits ? "logits" : "probs";
+  const CallSetup call =
+      setup_call(function, input_name, input, target, grad,
+                 kFromLogits ? "dL_dx" : "dL_dq", shape, options);
+  const Geometry& geometry = call.geometry;
+  const Index C = geometry.C;
+  const Index L = call.tile;
+  const bool eps_zero = call.eps == 0.0;
+  const bool want_grad = grad != nullptr;
+  const T eps = static_cast<T>(call.eps);
+  WorkspaceNeeds needs;
+  needs.softmax = kFromLogits;
+  needs.grad_tile = kFromLogits && want_grad;
+  needs.rq_rows = true;
+  std::vector<Workspace<T>> spaces =
+      make_workspaces<T>(call.threads, C, L, needs);
+
+  // Pass 1: per-class sums S_c of q.
+  PartialSums class_sums(call.plan.num_chunks, C);
+  BadIndexLog bad_input(call.plan.num_chunks);
+  run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
+    Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
+    double* acc = class_sums.chunk(chunk);
+    std::fill(acc, acc + C, 0.0);
+    for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
+      const Rows<T> probs = load_probs<T, kFromLogits>(
+          geometry, input, b, p0, n, L, space, chunk,
+          call.check ? &bad_input : nullptr);
+      for (Index c = 0; c < C; ++c) {
+        const T* q = probs.row(c);
+        acc[c] += lane_sum(n, [&](Index i) { return double(q[i]); });
+      }
+    });
+  });
+  raise_if_bad(call, input_name, input, bad_input);
+
+  const std::vector<double> sums = class_sums.total();
+  std::vector<double> inv_s(static_cast<std::size_t>(C));
+  std::vector<T> inv_s_t(static_cast<std::size_t>(C));
+  std::vector<char> s_clamped(static_cast<std::size_t>(C));
+  for (Index c = 0; c < C; ++c) {
+    const double S = sums[static_cast<std::size_t>(c)];
+    if (eps_zero && S == 0.0) {
+      throw invalid_argument(
+          std::string(function) + ": undefined loss: class " +
+          std::to_string(c) +
+          " has zero total probability over the batch and eps = 0, so "
+          "z = q / s_c is 0/0; use eps > 0");
+    }
+    const double s = std::max(S, call.eps);
+    s_clamped[static_cast<std::size_t>(c)] = S < call.eps;
+    inv_s[static_cast<std::size_t>(c)] = 1.0 / s;
+    inv_s_t[static_cast<std::size_t>(c)] = static_cast<T>(1.0 / s);
+  }
+
+  // Pass 2: per pixel t, r, a and abar; the loss and G_c; the per-pixel
+  // part of the gradient [eq. 3, eq. 4].
+  PartialSums partial(call.plan.num_chunks, C + 1);
+  BadIndexLog bad_target(call.plan.num_chunks);
+  const T inv_pixels = static_cast<T>(call.inv_pixels);
+  run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
+    Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
+    double* acc = partial.chunk(chunk);
+    std::fill(acc, acc + C + 1, 0.0);
+    for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
+      const Rows<T> probs = load_probs<T, kFromLogits>(
+          geometry, input, b, p0, n, L, space, chunk, nullptr);
+      double* pixel_sum = space.sum.data();
+      double* abar = space.abar.data();
+      T* clamped_sum = space.pixel.data();
+
+      // Per-pixel sum of u = q p / s_c, then its clamp.
+      std::fill(pixel_sum, pixel_sum + n, 0.0);
+      for (Index c = 0; c < C; ++c) {
+        const T* q = probs.row(c);
+        const Index offset = geometry.offset(b, c, p0);
+        const T* p = target + offset;
+        if (call.check) {
+          scan_row(p, n, ValueRule::kNonNegative, offset, chunk, bad_target);
+        }
+        const T scale = inv_s_t[static_cast<std::size_t>(c)];
+        for (Index i = 0; i < n; ++i) {
+          pixel_sum[i] += static_cast<double>(q[i] * p[i] * scale);
+        }
+      }
+      for (Index i = 0; i < n; ++i) {
+        clamped_sum[i] =
+            static_cast<T>(std::max(pixel_sum[i], kPixelSumFloor));
+        abar[i] = 0.0;
+      }
+
+      // r, the loss terms and abar = sum_c a_c r_c.
+      for (Index c = 0; c < C; ++c) {
+        const T* q = probs.row(c);
+        const T* p = target + geometry.offset(b, c, p0);
+        T* w = space.w.data() + c * L;
+        T* r = space.r.data() + c * L;
+        T* a = space.a.data() + c * L;
+        const T scale = inv_s_t[static_cast<std::size_t>(c)];
+        // r divides the same product u = q p / s_c that was summed, so a
+        // pixel with one nonzero u gets r = 1 exactly.
+        ArrayMap<T>(w, n) =
+            ConstArrayMap<T>(p, n) * scale / ConstArrayMap<T>(clamped_sum, n);
+        ArrayMap<T>(r, n) =
+            ConstArrayMap<T>(q, n) * ConstArrayMap<T>(p, n) * scale /
+            ConstArrayMap<T>(clamped_sum, n);
+        if (!eps_zero) {
+          T* log_r = space.tmp1.data();
+          T* log_q = space.tmp2.data();
+          ArrayMap<T>(log_r, n) = (ArrayMap<T>(r, n) + eps).log();
+          ArrayMap<T>(log_q, n) = (ConstArrayMap<T>(q, n) + eps).log();
+          acc[0] += lane_sum(n, [&](Index i) {
+            return double(r[i]) * (double(log_r[i]) - double(log_q[i]));
+          });
+          if (want_grad) {
+            for (Index i = 0; i < n; ++i) {
+              a[i] = log_r[i] - log_q[i] + r[i] / (r[i] + eps);
+              abar[i] += double(a[i]) * double(r[i]);
+            }
+          }
+        } else {
+          // With eps = 0, r log(r / q) = r log k with k = w, which stays
+          // finite as q -> 0; `a` holds log k here.
+          ArrayMap<T>(a, n) = ArrayMap<T>(w, n).log();
+          acc[0] += lane_sum(n, [&](Index i) {
+            return r[i] > T(0) ? double(r[i]) * double(a[i]) : 0.0;
+          });
+          for (Index i = 0; i < n; ++i) {
+            abar[i] += r[i] > T(0) ? double(r[i]) * (double(a[i]) + 1.0) : 0.0;
+          }
+        }
+      }
+      if (!want_grad) return;
+
+      // A clamped pixel sum is a constant, so no abar term flows through it.
+      for (Index i = 0; i < n; ++i) {
+        if (pixel_sum[i] < kPixelSumFloor) abar[i] = 0.0;
+      }
+      T* abar_t = space.tmp1.data();
+      for (Index i = 0; i < n; ++i) abar_t[i] = static_cast<T>(abar[i]);
+
+      // G_c partial sums and the per-pixel gradient part [eq. 4].
+      for (Index c = 0; c < C; ++c) {
+        const T* q = probs.row(c);
+        const T* w = space.w.data() + c * L;
+        const T* r = space.r.data() + c * L;
+        const T* a = space.a.data() + c * L;
+        T* out = kFromLogits ? space.grad.data() + c * L
+                             : grad + geometry.offset(b, c, p0);
+        if (!eps_zero) {
+          acc[1 + c] += lane_sum(n, [&](Index i) {
+            return double(r[i]) * (double(a[i]) - abar[i]);
+          });
+          for (Index i = 0; i < n; ++i) {
+            out[i] = inv_pixels * w[i] *
+                     (a[i] - abar_t[i] - q[i] / (q[i] + eps));
+          }
+        } else {
+          acc[1 + c] += lane_sum(n, [&](Index i) {
+            return r[i] > T(0) ? double(r[i]) * (double(a[i]) + 1.0 - abar[i])
+                               : 0.0;
+          });
+          for (Index i = 0; i < n; ++i) {
+            out[i] = w[i] > T(0) ? inv_pixels * w[i] * (a[i] - abar_t[i])
+                                 : T(0);
+          }
+        }
+      }
+      if constexpr (kFromLogits) {
+        softmax_vjp_tile(probs.base, L, space.grad.data(), L,
+                         grad + geometry.offset(b, 0, p0), geometry.P, C, n,
+                         space.sum.data(), space.pixel.data());
+      }
+    });
+  });
+  raise_if_bad(call, "target", target, bad_target);
+
+  const std::vector<double> totals = partial.total();
+  const double loss = call.inv_pixels * totals[0];
+  raise_if_nan(call, loss, "the loss");
+  if (!want_grad) return loss;
+
+  // Pass 3: the batch-wide term -G_c / s_c, which is 0 for a clamped s_c.
+  std::vector<T> class_term(static_cast<std::size_t>(C));
+  for (Index c = 0; c < C; ++c) {
+    const auto k = static_cast<std::size_t>(c);
+    const double G = call.inv_pixels * totals[k + 1];
+    raise_if_nan(call, G, "a class term of the gradient");
+    class_term[k] = s_clamped[k] ? T(0) : static_cast<T>(G * inv_s[k]);
+  }
+  run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
+    Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
+    for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
+      if constexpr (!kFromLogits) {
+        for (Index c = 0; c < C; ++c) {
+          T* out = grad + geometry.offset(b, c, p0);
+          const T term = class_term[static_cast<std::size_t>(c)];
+          for (Index i = 0; i < n; ++i) out[i] -= term;
+        }
+      } else {
+        // eq. 7 is linear in g, so the class term is chained separately:
+        // dx_c -= q_c (term_c - sum_k term_k q_k).
+        const Rows<T> probs = load_probs<T, true>(geometry, input, b, p0, n,
+                                                  L, space, chunk, nullptr);
+        double* dot = space.sum.data();
+        T* dot_t = space.pixel.data();
+        std::fill(dot, dot + n, 0.0);
+        for (Index c = 0; c < C; ++c) {
+          const T* q = probs.row(c);
+          const double term = double(class_term[static_cast<std::size_t>(c)]);
+          for (Index i = 0; i < n; ++i) dot[i] += term * double(q[i]);
+        }
+        for (Index i = 0; i < n; ++i) dot_t[i] = static_cast<T>(dot[i]);
+        for (Index c = 0; c < C; ++c) {
+          const T* q = probs.row(c);
+          T* out = grad + geometry.offset(b, c, p0);
+          const T term = class_term[static_cast<std::size_t>(c)];
+          for (Index i = 0; i < n; ++i) out[i] -= q[i] * (term - dot_t[i]);
+        }
+      }
+    });
+  });
+  return loss;
+}
+
+}  // namespace
+}  // namespace detail
+
+template <typename T>
+double qr_loss(const T* probs, const T* target, const Shape& shape,
+               const LossOptions& options) {
+  return detail::qr_impl<T, false>("qr_loss", probs, target, nullptr, shape,
+                                   options);
+}
+
+template <typename T>
+double qr_loss_grad(const T* probs, const T* target, T* dL_dq,
+                    const Shape& shape, const LossOptions& options) {
+  detail::check_not_null("qr_loss_grad", "dL_dq", dL_dq);
+  return detail::qr_impl<T, false>("qr_loss_grad", probs, target, dL_dq,
+                                   shape, options);
+}
+
+template <typename T>
+double rq_loss(const T* probs, const T* target, const Shape& shape,
+               const LossOptions& options) {
+  return detail::rq_impl<T, false>("rq_loss", probs, target, nullptr, shape,
+                                   options);
+}
+
+template <typename T>
+double rq_loss_grad(const T* probs, const T* target, T* dL_dq,
+                    const Shape& shape, const LossOptions& options) {
+  detail::check_not_null("rq_loss_grad", "dL_dq", dL_dq);
+  return detail::rq_impl<T, false>("rq_loss_grad", probs, target, dL_dq,
+                                   shape, options);
+}
+
+template <typename T>
+double qr_loss_from_logits(const T* logits, const T* target,
+                           const Shape& shape, const LossOptions& options) {
+  return detail::qr_impl<T, true>("qr_loss_from_logits", logits, target,
+                                  nullptr, shape, options);
+}
+
+template <typename T>
+double qr_loss_grad_from_logits(const T* logits, const T* target, T* dL_dx,
+                                const Shape& shape,
+                                const LossOptions& options) {
+  detail::check_not_null("qr_loss_grad_from_logits", "dL_dx", dL_dx);
+  return detail::qr_impl<T, true>("qr_loss_grad_from_logits", logits, target,
+                                  dL_dx, shape, options);
+}
+
+template <typename T>
+double rq_loss_from_logits(const T* logits, const T* target,
+                           const Shape& shape, const LossOptions& options) {
+  return detail::rq_impl<T, true>("rq_loss_from_logits", logits, target,
+                                  nullptr, shape, options);
+}
+
+template <typename T>
+double rq_loss_grad_from_logits(const T* logits, const T* target, T* dL_dx,
+                                const Shape& shape,
+                                const LossOptions& options) {
+  detail::check_not_null("rq_loss_grad_from_logits", "dL_dx", dL_dx);
+  return detail::rq_impl<T, true>("rq_loss_grad_from_logits", logits, target,
+                                  dL_dx, shape, options);
+}
+
+template <typename T>
+double compute_loss(LossKind kind, const T* probs, const T* target, T* dL_dq,
+                    const Shape& shape, const LossOptions& options) {
+  if (kind == LossKind::kQR) {
+    return dL_dq ? qr_loss_grad(probs, target, dL_dq, shape, options)
+                 : qr_loss(probs, target, shape, options);
+  }
+  return dL_dq ? rq_loss_grad(probs, target, dL_dq, shape, options)
+               : rq_loss(probs, target, shape, options);
+}
+
+template <typename T>
+double compute_loss_from_logits(LossKind kind, const T* logits,
+                                const T* target, T* dL_dx,
+                                const Shape& shape,
+                                const LossOptions& options) {
+  if (kind == LossKind::kQR) {
+    return dL_dx
+               ? qr_loss_grad_from_logits(logits, target, dL_dx, shape, options)
+               : qr_loss_from_logits(logits, target, shape, options);
+  }
+  return dL_dx ? rq_loss_grad_from_logits(logits, target, dL_dx, shape, options)
+               : rq_loss_from_logits(logits, target, shape, options);
+}
+
+#define QRLOSS_INSTANTIATE_(T)                                                \
+  template double qr_loss<T>(const T*, const T*, const Shape&,                \
+                             const LossOptions&);                             \
+  template double qr_loss_grad<T>(const T*, const T*, T*, const Shape&,       \
+                                  const LossOptions&);                        \
+  template double rq_loss<T>(const T*, const T*, const Shape&,                \
+                             const LossOptions&);                             \
+  template double rq_loss_grad<T>(const T*, const T*, T*, const Shape&,       \
+                                  const LossOptions&);                        \
+  template double qr_loss_from_logits<T>(const T*, const T*, const Shape&,    \
+                                         const LossOptions&);                 \
+  template double qr_loss_grad_from_logits<T>(const T*, const T*, T*,         \
+                                              const Shape&,                   \
+                                              const LossOptions&);            \
+  template double rq_loss_from_logits<T>(const T*, const T*, const Shape&,    \
+                                         const LossOptions&);                 \
+  template double rq_loss_grad_from_logits<T>(const T*, const T*, T*,         \
+                                              const Shape&,                   \
+                                              const LossOptions&);            \
+  template double compute_loss<T>(LossKind, const T*, const T*, T*,           \
+                                  const Shape&, const LossOptions&);          \
+  template double compute_loss_from_logits<T>(LossKind, const T*, const T*,   \
+                                              T*, const Shape&,               \
+                                              const LossOptions&);
+
+QRLOSS_INSTANTIATE_(float)
+QRLOSS_INSTANTIATE_(double)
+
+#undef QRLOSS_INSTANTIATE_
+
+}  // namespace qrloss
