@@ -169,12 +169,17 @@ double qr_impl(const char* function, const T* input, const T* target,
         if (call.check) {
           scan_row(p, n, ValueRule::kNonNegative, offset, chunk, bad_target);
         }
-        acc[c] += lane_sum(n, [&](Index i) { return double(q[i]); });
+        acc[c] += lane_sum(q, n);
         ArrayMap<T>(log_p, n) = (ConstArrayMap<T>(p, n) + eps).log();
-        // 0 * log(0) counts as 0, which matters when eps = 0.
-        acc[C] += lane_sum(n, [&](Index i) {
-          return q[i] > T(0) ? double(q[i]) * double(log_p[i]) : 0.0;
-        });
+        if (eps_zero) {
+          // 0 * log(0) counts as 0; with eps > 0 the log is finite anyway.
+          for (Index i = 0; i < n; ++i) {
+            log_p[i] = q[i] > T(0) ? q[i] * log_p[i] : T(0);
+          }
+        } else {
+          for (Index i = 0; i < n; ++i) log_p[i] *= q[i];
+        }
+        acc[C] += lane_sum(log_p, n);
       }
     });
   });
@@ -272,7 +277,7 @@ double rq_impl(const char* function, const T* input, const T* target,
           call.check ? &bad_input : nullptr);
       for (Index c = 0; c < C; ++c) {
         const T* q = probs.row(c);
-        acc[c] += lane_sum(n, [&](Index i) { return double(q[i]); });
+        acc[c] += lane_sum(q, n);
       }
     });
   });
@@ -348,29 +353,33 @@ double rq_impl(const char* function, const T* input, const T* target,
         ArrayMap<T>(r, n) =
             ConstArrayMap<T>(q, n) * ConstArrayMap<T>(p, n) * scale /
             ConstArrayMap<T>(clamped_sum, n);
+        T* term = space.tmp2.data();
         if (!eps_zero) {
-          T* log_r = space.tmp1.data();
-          T* log_q = space.tmp2.data();
-          ArrayMap<T>(log_r, n) = (ArrayMap<T>(r, n) + eps).log();
-          ArrayMap<T>(log_q, n) = (ConstArrayMap<T>(q, n) + eps).log();
-          acc[0] += lane_sum(n, [&](Index i) {
-            return double(r[i]) * (double(log_r[i]) - double(log_q[i]));
-          });
+          // log(r + eps) - log(q + eps) as one log of a ratio: half the
+          // transcendental work, and no cancellation when r is close to q.
+          T* log_ratio = space.tmp1.data();
+          ArrayMap<T>(log_ratio, n) =
+              ((ArrayMap<T>(r, n) + eps) / (ConstArrayMap<T>(q, n) + eps))
+                  .log();
+          for (Index i = 0; i < n; ++i) term[i] = r[i] * log_ratio[i];
+          acc[0] += lane_sum(term, n);
           if (want_grad) {
             for (Index i = 0; i < n; ++i) {
-              a[i] = log_r[i] - log_q[i] + r[i] / (r[i] + eps);
-              abar[i] += double(a[i]) * double(r[i]);
+              a[i] = log_ratio[i] + r[i] / (r[i] + eps);
+              abar[i] += static_cast<double>(a[i] * r[i]);
             }
           }
         } else {
           // With eps = 0, r log(r / q) = r log k with k = w, which stays
           // finite as q -> 0; `a` holds log k here.
           ArrayMap<T>(a, n) = ArrayMap<T>(w, n).log();
-          acc[0] += lane_sum(n, [&](Index i) {
-            return r[i] > T(0) ? double(r[i]) * double(a[i]) : 0.0;
-          });
           for (Index i = 0; i < n; ++i) {
-            abar[i] += r[i] > T(0) ? double(r[i]) * (double(a[i]) + 1.0) : 0.0;
+            term[i] = r[i] > T(0) ? r[i] * a[i] : T(0);
+          }
+          acc[0] += lane_sum(term, n);
+          for (Index i = 0; i < n; ++i) {
+            abar[i] += static_cast<double>(r[i] > T(0) ? r[i] * (a[i] + T(1))
+                                                       : T(0));
           }
         }
       }
@@ -391,24 +400,23 @@ double rq_impl(const char* function, const T* input, const T* target,
         const T* a = space.a.data() + c * L;
         T* out = kFromLogits ? space.grad.data() + c * L
                              : grad + geometry.offset(b, c, p0);
+        T* term = space.tmp2.data();
         if (!eps_zero) {
-          acc[1 + c] += lane_sum(n, [&](Index i) {
-            return double(r[i]) * (double(a[i]) - abar[i]);
-          });
+          for (Index i = 0; i < n; ++i) term[i] = r[i] * (a[i] - abar_t[i]);
           for (Index i = 0; i < n; ++i) {
             out[i] = inv_pixels * w[i] *
                      (a[i] - abar_t[i] - q[i] / (q[i] + eps));
           }
         } else {
-          acc[1 + c] += lane_sum(n, [&](Index i) {
-            return r[i] > T(0) ? double(r[i]) * (double(a[i]) + 1.0 - abar[i])
-                               : 0.0;
-          });
+          for (Index i = 0; i < n; ++i) {
+            term[i] = r[i] > T(0) ? r[i] * (a[i] + T(1) - abar_t[i]) : T(0);
+          }
           for (Index i = 0; i < n; ++i) {
             out[i] = w[i] > T(0) ? inv_pixels * w[i] * (a[i] - abar_t[i])
                                  : T(0);
           }
         }
+        acc[1 + c] += lane_sum(term, n);
       }
       if constexpr (kFromLogits) {
         softmax_vjp_tile(probs.base, L, space.grad.data(), L,

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>
@@ -132,17 +133,17 @@ void for_each_tile(const Geometry& geometry, Index begin, Index end,
   }
 }
 
-/// Sums term(i) for i in [0, n) in double over eight fixed lanes that are
-/// combined in a fixed order: the compiler can vectorise it without
-/// reassociating, and the result does not depend on alignment.
-template <typename Term>
-inline double lane_sum(Index n, Term&& term) {
+/// Sums x[0, n) in double over eight fixed lanes that are combined in a
+/// fixed order: the compiler vectorises it without reassociating, and the
+/// result does not depend on alignment.
+template <typename T>
+inline double lane_sum(const T* x, Index n) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   Index i = 0;
   for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) acc[j] += term(i + j);
+    for (int j = 0; j < 8; ++j) acc[j] += static_cast<double>(x[i + j]);
   }
-  for (int j = 0; i + j < n; ++j) acc[j] += term(i + j);
+  for (int j = 0; i + j < n; ++j) acc[j] += static_cast<double>(x[i + j]);
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) +
          ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
@@ -193,18 +194,21 @@ class BadIndexLog {
   std::vector<Index> first_;
 };
 
-/// True when every value of x[0, n) satisfies the rule. Vectorisable: it
-/// folds comparisons with &, and NaN fails both comparisons.
+/// True when every value of x[0, n) satisfies the rule. NaN fails both
+/// comparisons. The flags are folded with | into an integer of the
+/// element's width, a reduction the compiler vectorises without
+/// reassociating floating-point sums.
 template <typename T>
 inline bool all_valid(const T* x, Index n, ValueRule rule) {
+  using Flag = std::conditional_t<sizeof(T) == 4, std::int32_t, std::int64_t>;
   constexpr T kMax = std::numeric_limits<T>::max();
-  bool ok = true;
-  if (rule == ValueRule::kNonNegative) {
-    for (Index i = 0; i < n; ++i) ok &= (x[i] >= T(0)) & (x[i] <= kMax);
-  } else {
-    for (Index i = 0; i < n; ++i) ok &= (x[i] >= -kMax) & (x[i] <= kMax);
+  const T lowest = rule == ValueRule::kNonNegative ? T(0) : -kMax;
+  Flag bad = 0;
+  for (Index i = 0; i < n; ++i) {
+    bad |= static_cast<Flag>(!(x[i] >= lowest)) |
+           static_cast<Flag>(!(x[i] <= kMax));
   }
-  return ok;
+  return bad == 0;
 }
 
 /// Index of the first value of x[0, n) that breaks the rule, or -1.
