@@ -7,6 +7,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -130,5 +131,109 @@ TEST_SUITE("golden") {
     REQUIRE_MESSAGE(fs::exists(dir / "cases.json"),
                     "missing " << (dir / "cases.json").string());
     CHECK(run_case_folder(dir) > 0);
+  }
+}
+
+namespace {
+
+/// Builds a (2, 11, 8, 8) target whose pixel takes column j of the
+/// co-occurrence matrix (rows: 11 fine classes, columns: 17 coarse NLCD
+/// classes), with j drawn per 2x2 block from the columns that are not
+/// placeholders (a placeholder puts all mass on row 0).
+std::vector<double> prior_batch(const npy::Array& matrix, std::uint64_t seed,
+                                const Shape& shape) {
+  const std::int64_t rows = matrix.shape[0];
+  const std::int64_t cols = matrix.shape[1];
+  std::vector<std::int64_t> usable;
+  for (std::int64_t j = 0; j < cols; ++j) {
+    if (matrix.f64[static_cast<std::size_t>(j)] != 1.0) usable.push_back(j);
+  }
+  REQUIRE(!usable.empty());
+  std::mt19937_64 engine(seed);
+  std::uniform_int_distribution<std::size_t> pick(0, usable.size() - 1);
+  const std::int64_t B = shape[0], H = shape[2], W = shape[3];
+  std::vector<double> target(static_cast<std::size_t>(testing::count(shape)));
+  for (std::int64_t b = 0; b < B; ++b) {
+    for (std::int64_t h = 0; h < H; h += 2) {
+      for (std::int64_t w = 0; w < W; w += 2) {
+        const std::int64_t j = usable[pick(engine)];
+        for (std::int64_t dh = 0; dh < 2; ++dh) {
+          for (std::int64_t dw = 0; dw < 2; ++dw) {
+            for (std::int64_t c = 0; c < rows; ++c) {
+              target[((b * rows + c) * H + h + dh) * W + w + dw] =
+                  matrix.f64[static_cast<std::size_t>(c * cols + j)];
+            }
+          }
+        }
+      }
+    }
+  }
+  return target;
+}
+
+}  // namespace
+
+TEST_SUITE("golden") {
+  TEST_CASE("EnviroAtlas priors from shared data") {
+    const fs::path dir = testing::shared_data_dir() / "enviroatlas_cooccurrence";
+    if (!fs::exists(dir)) {
+      MESSAGE("skipped: no co-occurrence matrices at " << dir.string());
+      return;
+    }
+    int matrices = 0;
+    for (const fs::directory_entry& entry : fs::directory_iterator(dir)) {
+      if (entry.path().extension() != ".npy") continue;
+      CAPTURE(entry.path().string());
+      const npy::Array matrix = npy::read(entry.path().string());
+      REQUIRE(matrix.dtype == npy::DType::kFloat64);
+      REQUIRE(matrix.shape == Shape{11, 17});
+      ++matrices;
+
+      const Shape shape = {2, 11, 8, 8};
+      const std::vector<double> target = prior_batch(matrix, 7, shape);
+      const std::vector<double> logits = testing::random_logits<double>(shape, 11);
+      const std::vector<float> target32(target.begin(), target.end());
+      const std::vector<float> logits32(logits.begin(), logits.end());
+      const std::vector<double> logits_rounded(logits32.begin(), logits32.end());
+      const std::vector<double> target_rounded(target32.begin(), target32.end());
+
+      for (LossKind kind : {LossKind::kQR, LossKind::kRQ}) {
+        CAPTURE(qrloss::loss_name(kind));
+        std::vector<double> grad(logits.size());
+        const double loss = qrloss::compute_loss_from_logits<double>(
+            kind, logits.data(), target.data(), grad.data(), shape);
+        CHECK(std::isfinite(loss));
+
+        // Central differences in double on a spread of entries.
+        qrloss::GradientCheckOptions check;
+        check.max_elements = 96;
+        check.seed = 3;
+        check.shape = shape;
+        const auto f = [&](const Eigen::VectorXd& x) {
+          return qrloss::compute_loss_from_logits<double>(
+              kind, x.data(), target.data(), nullptr, shape);
+        };
+        const Eigen::VectorXd x =
+            Eigen::Map<const Eigen::VectorXd>(logits.data(), logits.size());
+        const Eigen::VectorXd g =
+            Eigen::Map<const Eigen::VectorXd>(grad.data(), grad.size());
+        const qrloss::GradientCheckReport report =
+            qrloss::check_gradient(f, x, g, check);
+        CAPTURE(report.summary());
+        CHECK(report.passed);
+
+        // float32 against float64 on the same rounded inputs.
+        std::vector<double> grad64(logits.size());
+        const double loss64 = qrloss::compute_loss_from_logits<double>(
+            kind, logits_rounded.data(), target_rounded.data(), grad64.data(),
+            shape);
+        std::vector<float> grad32(logits.size());
+        const double loss32 = qrloss::compute_loss_from_logits<float>(
+            kind, logits32.data(), target32.data(), grad32.data(), shape);
+        CHECK(std::abs(loss32 - loss64) <= 1e-6 * std::abs(loss64));
+        CHECK(testing::max_error_over_max(grad32, grad64) <= 1e-5);
+      }
+    }
+    CHECK(matrices == 4);
   }
 }
