@@ -136,10 +136,10 @@ TEST_SUITE("golden") {
 
 namespace {
 
-/// Builds a (2, 11, 8, 8) target whose pixel takes column j of the
-/// co-occurrence matrix (rows: 11 fine classes, columns: 17 coarse NLCD
-/// classes), with j drawn per 2x2 block from the columns that are not
-/// placeholders (a placeholder puts all mass on row 0).
+/// Builds a target in which each pixel takes column j of the co-occurrence
+/// matrix, whose rows are 11 fine classes and columns 17 coarse NLCD
+/// classes. j is drawn per 2x2 block from the columns that are not
+/// placeholders. A placeholder column puts all mass on row 0.
 std::vector<double> prior_batch(const npy::Array& matrix, std::uint64_t seed,
                                 const Shape& shape) {
   const std::int64_t rows = matrix.shape[0];
