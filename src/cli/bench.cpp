@@ -1,0 +1,131 @@
+// The `qrloss bench` subcommand: times the loss and gradient on synthetic
+// inputs against a STREAM-style triad floor and prints one JSON object.
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <iostream>
+#include <new>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "bench_support.hpp"
+#include "commands.hpp"
+#include "qrloss/error.hpp"
+#include "qrloss/losses.hpp"
+
+namespace qrloss::cli {
+namespace {
+
+// Option values of one `qrloss bench` run.
+struct BenchSettings {
+  std::string loss = "qr";
+  bool from_logits = false;
+  std::vector<std::int64_t> shape = {8, 19, 512, 512};
+  std::string dtype = "float32";
+  int threads = 0;
+  int repeat = 5;
+  bool loss_only = false;
+};
+
+// Largest element count that bench allocates: five tensors of this size
+// (input, target, gradient and two triad arrays) must fit in memory.
+constexpr std::int64_t kMaxBenchElements = std::int64_t{1} << 31;
+
+void run_bench(const BenchSettings& settings) {
+  std::int64_t elements = 1;
+  for (std::int64_t extent : settings.shape) {
+    if (extent <= 0 || elements > kMaxBenchElements / extent) {
+      fail_command("bench", kExitUsage,
+                   "bad --shape: expected positive extents with at most " +
+                       std::to_string(kMaxBenchElements) +
+                       " elements in all, got " +
+                       qrloss::format_shape(settings.shape));
+    }
+    elements *= extent;
+  }
+  bench::Workload workload;
+  workload.kind = settings.loss == "qr" ? LossKind::kQR : LossKind::kRQ;
+  workload.from_logits = settings.from_logits;
+  workload.with_grad = !settings.loss_only;
+  workload.shape = settings.shape;
+  workload.float32 = settings.dtype == "float32";
+  workload.threads = settings.threads;
+  workload.repeat = settings.repeat;
+  bench::Timing timing;
+  try {
+    timing = bench::time_workload(workload);
+  } catch (const qrloss::invalid_argument& error) {
+    fail_command("bench", kExitUsage, error.what());
+  } catch (const std::bad_alloc&) {
+    fail_command("bench", kExitInternal,
+                 "internal error: out of memory for shape " +
+                     qrloss::format_shape(settings.shape));
+  }
+  nlohmann::ordered_json output;
+  output["loss_name"] = settings.loss;
+  output["input"] = settings.from_logits ? "logits" : "probs";
+  output["gradient"] = !settings.loss_only;
+  output["shape"] = settings.shape;
+  output["dtype"] = settings.dtype;
+  output["threads"] = timing.threads;
+  output["repeat"] = settings.repeat;
+  output["simd"] = bench::simd_level();
+  output["median_s"] = timing.median_s;
+  output["min_s"] = timing.min_s;
+  output["floor_s"] = timing.floor_s;
+  output["ratio_to_floor"] = timing.ratio_to_floor;
+  output["gbytes_per_s"] = timing.effective_gbytes_per_s;
+  output["floor_gbytes_per_s"] = timing.floor_gbytes_per_s;
+  output["pixels_per_s"] = timing.pixels_per_s;
+  output["loss"] = timing.loss;
+  std::cout << output.dump() << std::endl;
+}
+
+}  // namespace
+
+void add_bench_command(CLI::App& app) {
+  auto settings = std::make_shared<BenchSettings>();
+  CLI::App* bench = app.add_subcommand(
+      "bench", "Time the loss and its gradient on synthetic inputs.");
+  bench->footer("");  // not the footer of the main command
+
+  bench->add_option("--loss", settings->loss,
+                    "Loss to time: qr (QR loss) or rq (RQ loss)")
+      ->check(CLI::IsMember({"qr", "rq"}))
+      ->capture_default_str();
+  bench->add_flag("--from-logits", settings->from_logits,
+                  "Time the logits entry points (softmax over C included) "
+                  "instead of the probs entry points");
+  bench->add_option("--shape", settings->shape,
+                    "Input shape B,C,H,W (or B,C), comma-separated")
+      ->delimiter(',')
+      ->type_name("B,C,H,W")
+      ->capture_default_str();
+  bench->add_option("--dtype", settings->dtype,
+                    "Element type of the synthetic inputs: float32 or "
+                    "float64")
+      ->check(CLI::IsMember({"float32", "float64"}))
+      ->capture_default_str();
+  bench->add_option("--threads", settings->threads,
+                    "OpenMP threads; 0 uses the OpenMP default "
+                    "(OMP_NUM_THREADS, else one per core)")
+      ->type_name("N")
+      ->check(int_at_least(0))
+      ->capture_default_str();
+  bench->add_option("--repeat", settings->repeat,
+                    "Number of timed runs; the median is reported")
+      ->type_name("R")
+      ->check(int_at_least(1))
+      ->capture_default_str();
+
+  bench->add_flag("--loss-only", settings->loss_only,
+                  "Time the loss alone, without the gradient");
+
+  bench->callback([settings] { run_bench(*settings); });
+}
+
+}  // namespace qrloss::cli

@@ -1,0 +1,48 @@
+#pragma once
+// Timing of the loss kernels against a memory-traffic floor, shared by
+// `qrloss bench` and the Google Benchmark programs in bench/.
+
+#include <cstdint>
+#include <string>
+
+#include "qrloss/losses.hpp"
+
+namespace qrloss::bench {
+
+/// One configuration to time.
+struct Workload {
+  LossKind kind = LossKind::kQR;
+  bool from_logits = false;
+  bool with_grad = true;
+  Shape shape = {16, 6, 512, 512};
+  bool float32 = true;
+  int threads = 0;  // 0: OpenMP default
+  int repeat = 5;
+};
+
+/// Medians over the repeats. The floor is a STREAM-style triad
+/// a[i] = b[i] + s * c[i] over as many elements of the same type, on the
+/// same threads; each repeat runs the triad right before the kernel, so
+/// both see the same machine load.
+struct Timing {
+  double median_s = 0.0;
+  double min_s = 0.0;
+  double floor_s = 0.0;
+  double ratio_to_floor = 0.0;
+  /// 3 tensors (probs or logits, target, gradient) over median_s, in GB/s.
+  double effective_gbytes_per_s = 0.0;
+  double floor_gbytes_per_s = 0.0;
+  double pixels_per_s = 0.0;
+  double loss = 0.0;
+  int threads = 0;
+};
+
+/// Times a workload on synthetic inputs: per-pixel probabilities and a
+/// prior drawn from a fixed seed, logits in [-2, 2].
+/// @throws qrloss::invalid_argument on a bad shape or repeat < 1.
+Timing time_workload(const Workload& workload);
+
+/// The -Dsimd build option the kernels were compiled with.
+const char* simd_level();
+
+}  // namespace qrloss::bench

@@ -1,0 +1,35 @@
+#pragma once
+// Subcommands of the qrloss command-line tool and the error convention they
+// share.
+
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+namespace qrloss::cli {
+
+/// Exit status for bad usage or bad input: a parse error, a missing or
+/// malformed file, mismatched inputs, or values the library rejects.
+inline constexpr int kExitUsage = 2;
+
+/// Exit status for an internal error, such as running out of memory.
+inline constexpr int kExitInternal = 1;
+
+/// Adds `eval`, which computes a loss and optionally its gradient from
+/// .npy files and prints one JSON object.
+void add_eval_command(CLI::App& app);
+
+/// Adds `bench`, which times the loss on synthetic inputs.
+void add_bench_command(CLI::App& app);
+
+/// Returns a validator that accepts a decimal integer from `minimum` to
+/// INT_MAX; CLI11's number validators print their double limits in full.
+CLI::Validator int_at_least(int minimum);
+
+/// Prints `qrloss <command>: <message>` as one line on stderr and throws
+/// CLI::RuntimeError(exit_status), which main() turns into the exit status
+/// without printing anything else.
+[[noreturn]] void fail_command(const std::string& command, int exit_status,
+                               const std::string& message);
+
+}  // namespace qrloss::cli

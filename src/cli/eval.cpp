@@ -1,0 +1,304 @@
+// The `qrloss eval` subcommand: computes the QR or RQ loss of .npy inputs,
+// optionally writes the gradient, and prints the result as JSON.
+
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <memory>
+#include <new>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "commands.hpp"
+#include "qrloss/error.hpp"
+#include "qrloss/losses.hpp"
+#include "qrloss/npy.hpp"
+
+namespace qrloss::cli {
+namespace {
+
+// Option values of one `qrloss eval` run.
+struct EvalSettings {
+  std::string loss;
+  std::string probs_path;
+  std::string logits_path;
+  std::string target_path;
+  std::string grad_out_path;
+  double eps = kDefaultEps;
+  int threads = 0;
+};
+
+// Result of one evaluation, before it is printed.
+struct EvalResult {
+  double loss = 0.0;
+  Shape shape;
+  npy::DType dtype = npy::DType::kFloat64;
+};
+
+// Accepts text that strtod parses completely to a finite value >= 0; NaN
+// and inf are rejected here because they would pass a range check.
+std::string check_eps_text(const std::string& text) {
+  const char* begin = text.c_str();
+  char* end = nullptr;
+  errno = 0;
+  const double value = std::strtod(begin, &end);
+  if (end == begin || *end != '\0') {
+    return "expected a number, got '" + text + "'";
+  }
+  if (!std::isfinite(value) || value < 0.0 || errno == ERANGE) {
+    return "expected a finite number >= 0, got '" + text + "'";
+  }
+  return {};
+}
+
+template <typename T>
+std::vector<T>& data_of(npy::Array& array);
+
+template <>
+std::vector<float>& data_of<float>(npy::Array& array) {
+  return array.f32;
+}
+
+template <>
+std::vector<double>& data_of<double>(npy::Array& array) {
+  return array.f64;
+}
+
+// Throws qrloss::invalid_argument unless input and target can go to the
+// loss together: rank 2 or 4, equal dtype, equal shape.
+void check_inputs(const std::string& input_option,
+                  const std::string& input_path, const npy::Array& input,
+                  const std::string& target_path, const npy::Array& target) {
+  const std::string input_name = input_option + " " + input_path;
+  const std::string target_name = "--target " + target_path;
+  for (const auto& [name, array] : {std::make_pair(input_name, &input),
+                                    std::make_pair(target_name, &target)}) {
+    if (array->shape.size() != 2 && array->shape.size() != 4) {
+      throw qrloss::invalid_argument(
+          "unsupported rank: " + name + " has shape " +
+          format_shape(array->shape) +
+          "; expected rank 2 (B,C) or rank 4 (B,C,H,W)");
+    }
+    if (array->size() == 0) {
+      throw qrloss::invalid_argument("empty input: " + name + " has shape " +
+                                     format_shape(array->shape) +
+                                     "; every extent must be at least 1");
+    }
+  }
+  if (input.dtype != target.dtype) {
+    throw qrloss::invalid_argument(
+        std::string("dtype mismatch: ") + input_name + " is " +
+        npy::dtype_name(input.dtype) + ", " + target_name + " is " +
+        npy::dtype_name(target.dtype) + "; convert one with numpy astype");
+  }
+  if (input.shape != target.shape) {
+    throw qrloss::invalid_argument("shape mismatch: " + input_name +
+                                   " has shape " + format_shape(input.shape) +
+                                   ", " + target_name + " has shape " +
+                                   format_shape(target.shape));
+  }
+}
+
+// Computes the loss in the input's precision and writes the gradient when
+// grad_out_path is set.
+template <typename T>
+double evaluate(const EvalSettings& settings, LossKind kind, bool from_logits,
+                npy::Array& input, npy::Array& target) {
+  LossOptions options;
+  options.eps = settings.eps;
+  options.num_threads = settings.threads;
+
+  const std::vector<T>& input_data = data_of<T>(input);
+  const std::vector<T>& target_data = data_of<T>(target);
+  std::vector<T> gradient;
+  T* gradient_data = nullptr;
+  if (!settings.grad_out_path.empty()) {
+    gradient.resize(input_data.size());
+    gradient_data = gradient.data();
+  }
+
+  const double loss =
+      from_logits ? compute_loss_from_logits<T>(
+                        kind, input_data.data(), target_data.data(),
+                        gradient_data, input.shape, options)
+                  : compute_loss<T>(kind, input_data.data(), target_data.data(),
+                                    gradient_data, input.shape, options);
+
+  if (gradient_data != nullptr) {
+    npy::write(settings.grad_out_path, gradient_data, input.shape);
+  }
+  return loss;
+}
+
+EvalResult run_eval(const EvalSettings& settings) {
+  const LossKind kind = settings.loss == "qr" ? LossKind::kQR : LossKind::kRQ;
+  const bool from_logits = !settings.logits_path.empty();
+  const std::string input_option = from_logits ? "--logits" : "--probs";
+  const std::string& input_path =
+      from_logits ? settings.logits_path : settings.probs_path;
+
+  npy::Array input = npy::read(input_path);
+  npy::Array target = npy::read(settings.target_path);
+  check_inputs(input_option, input_path, input, settings.target_path, target);
+
+  EvalResult result;
+  result.shape = input.shape;
+  result.dtype = input.dtype;
+  result.loss =
+      input.dtype == npy::DType::kFloat32
+          ? evaluate<float>(settings, kind, from_logits, input, target)
+          : evaluate<double>(settings, kind, from_logits, input, target);
+  return result;
+}
+
+// Formats a double with 17 significant digits, enough to restore it
+// exactly; "inf", "-inf" or "nan" for non-finite values.
+std::string format_loss(double value) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.17g", value);
+  return text;
+}
+
+nlohmann::ordered_json to_json(const EvalSettings& settings,
+                               const EvalResult& result) {
+  const bool from_logits = !settings.logits_path.empty();
+  nlohmann::ordered_json output;
+  // JSON has no inf or NaN, so a non-finite loss (possible with eps = 0)
+  // is null here and spelled out in loss_text.
+  if (std::isfinite(result.loss)) {
+    output["loss"] = result.loss;
+  } else {
+    output["loss"] = nullptr;
+  }
+  output["loss_text"] = format_loss(result.loss);
+  output["loss_name"] = settings.loss;
+  output["input"] = from_logits ? "logits" : "probs";
+  output["input_file"] =
+      from_logits ? settings.logits_path : settings.probs_path;
+  output["target_file"] = settings.target_path;
+  output["shape"] = result.shape;
+  output["dtype"] = npy::dtype_name(result.dtype);
+  output["eps"] = settings.eps;
+  output["threads"] = settings.threads;
+  if (settings.grad_out_path.empty()) {
+    output["grad_out"] = nullptr;
+  } else {
+    output["grad_out"] = settings.grad_out_path;
+  }
+  return output;
+}
+
+// Runs the command and prints its JSON; every failure ends in
+// fail_command, after removing a gradient file written by this run.
+void run_and_print(const EvalSettings& settings) {
+  if (settings.probs_path.empty() && settings.logits_path.empty()) {
+    fail_command("eval", kExitUsage,
+                 "missing input: give --probs FILE or --logits FILE");
+  }
+
+  std::optional<EvalResult> result;
+  try {
+    result = run_eval(settings);
+  } catch (const qrloss::invalid_argument& error) {
+    fail_command("eval", kExitUsage, error.what());
+  } catch (const npy::io_error& error) {
+    fail_command("eval", kExitUsage, error.what());
+  } catch (const std::bad_alloc&) {
+    fail_command("eval", kExitInternal, "internal error: out of memory");
+  } catch (const std::exception& error) {
+    fail_command("eval", kExitInternal,
+                 std::string("internal error: ") + error.what());
+  }
+
+  std::cout << to_json(settings, *result).dump() << std::endl;
+  if (!std::cout) {
+    if (!settings.grad_out_path.empty()) {
+      std::remove(settings.grad_out_path.c_str());
+    }
+    fail_command("eval", kExitInternal, "cannot write the result to stdout");
+  }
+}
+
+}  // namespace
+
+void add_eval_command(CLI::App& app) {
+  auto settings = std::make_shared<EvalSettings>();
+  CLI::App* eval = app.add_subcommand(
+      "eval",
+      "Compute the QR or RQ loss (and optionally its gradient) of arrays "
+      "stored as .npy files, and print the result as one JSON object on "
+      "stdout.");
+  eval->footer(
+      "Input files: .npy, float32 or float64, C order, little-endian, rank 2 "
+      "(B,C) or rank 4 (B,C,H,W). The input (--probs or --logits) and "
+      "--target must have the same dtype and shape. The loss is computed "
+      "with double accumulation in either dtype.\n"
+      "Output: one JSON object with the keys loss (a number, or null when "
+      "not finite), loss_text (the loss with 17 significant digits, or inf "
+      "or nan), loss_name, input ('probs' or 'logits'), input_file, "
+      "target_file, shape, dtype, eps, threads and grad_out (a path or "
+      "null).\n"
+      "Errors: one line on stderr, nothing on stdout, no --grad-out file, "
+      "exit status 2 for bad usage or input and 1 for internal errors.");
+
+  eval->add_option("--loss", settings->loss,
+                   "Loss to compute: qr (QR loss) or rq (RQ loss)")
+      ->required()
+      ->check(CLI::IsMember({"qr", "rq"}));
+
+  CLI::Option* probs = eval->add_option(
+      "--probs", settings->probs_path,
+      "Class probabilities q as .npy, values >= 0; the gradient is dL/dq");
+  CLI::Option* logits = eval->add_option(
+      "--logits", settings->logits_path,
+      "Logits x as .npy; the loss is taken of q = softmax(x) over the class "
+      "axis C and the gradient is dL/dx");
+  probs->type_name("FILE")->excludes(logits);
+  logits->type_name("FILE")->excludes(probs);
+
+  eval->add_option("--target", settings->target_path,
+                   "Per-pixel prior p as .npy, values >= 0, same dtype and "
+                   "shape as the input; rows need not sum to 1")
+      ->required()
+      ->type_name("FILE");
+
+  eval->add_option("--eps", settings->eps,
+                   "Constant added inside every log; a finite number >= 0. "
+                   "0 is allowed but zero probabilities may then give inf")
+      ->type_name("X")
+      ->check(CLI::Validator(
+          [](std::string& text) { return check_eps_text(text); }, ""))
+      ->capture_default_str();
+
+  eval->add_option("--grad-out", settings->grad_out_path,
+                   "Write the gradient of the loss with respect to the input "
+                   "(--probs or --logits) to FILE as .npy of the input's "
+                   "dtype and shape. The file is written to a temporary name "
+                   "and renamed, so it is complete or absent")
+      ->type_name("FILE");
+
+  eval->add_option("--threads", settings->threads,
+                   "OpenMP threads; 0 uses the OpenMP default "
+                   "(OMP_NUM_THREADS, else one per core). The result is "
+                   "bitwise the same for any thread count")
+      ->type_name("N")
+      ->check(int_at_least(0))
+      ->capture_default_str();
+
+  eval->callback([settings] {
+    EvalSettings resolved = *settings;
+    // "--eps -0" passes the >= 0 check; use and report it as +0.
+    if (resolved.eps == 0.0) {
+      resolved.eps = 0.0;
+    }
+    run_and_print(resolved);
+  });
+}
+
+}  // namespace qrloss::cli

@@ -1,0 +1,539 @@
+// Runs the built `qrloss` executable (path in QRLOSS_EXE) on the golden
+// cases and on bad input, with stdout and stderr captured to files.
+
+#include <sys/wait.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
+
+#include "qrloss/npy.hpp"
+#include "test_support.hpp"
+
+namespace fs = std::filesystem;
+namespace npy = qrloss::npy;
+
+namespace {
+
+// Golden tolerances: relative loss error, and the gradient rules of
+// golden_f64_ratio (float64) and max_error_over_max (float32).
+constexpr double kLossRtolFloat64 = 1e-10;
+constexpr double kLossRtolFloat32 = 1e-6;
+constexpr double kGradRatioFloat64 = 1.0;
+constexpr double kGradRtolFloat32 = 1e-5;
+
+// Exit status for bad usage or bad input, as documented by `qrloss --help`.
+constexpr int kExitUsage = 2;
+
+// A fresh directory under the system temp directory, removed with its
+// contents when the object goes out of scope.
+class TempDir {
+ public:
+  TempDir() {
+    std::random_device device;
+    const fs::path base = fs::temp_directory_path();
+    for (int attempt = 0; attempt < 100; ++attempt) {
+      path_ = base / ("qrloss_test_cli_" + std::to_string(device()));
+      if (fs::create_directory(path_)) {
+        return;
+      }
+    }
+    FAIL("cannot create a temporary directory under " << base.string());
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+
+  std::string file(const std::string& name) const {
+    return (path_ / name).string();
+  }
+
+ private:
+  fs::path path_;
+};
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in),
+                     std::istreambuf_iterator<char>());
+}
+
+// Quotes `text` for /bin/sh.
+std::string shell_quote(const std::string& text) {
+  std::string quoted = "'";
+  for (const char c : text) {
+    if (c == '\'') {
+      quoted += "'\\''";
+    } else {
+      quoted += c;
+    }
+  }
+  return quoted + "'";
+}
+
+std::string format_double(double value) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.17g", value);
+  return text;
+}
+
+// Path of the executable under test, or "" when QRLOSS_EXE is unset.
+std::string qrloss_exe() {
+  const char* path = std::getenv("QRLOSS_EXE");
+  return path != nullptr ? path : "";
+}
+
+struct RunResult {
+  int status = -1;  // exit status, or -1 if the process did not exit
+  std::string out;
+  std::string err;
+};
+
+// Runs qrloss with `args`, capturing stdout and stderr in files of `dir`.
+RunResult run_qrloss(const TempDir& dir, const std::vector<std::string>& args) {
+  const std::string out_path = dir.file("stdout.txt");
+  const std::string err_path = dir.file("stderr.txt");
+  std::string command = shell_quote(qrloss_exe());
+  for (const std::string& arg : args) {
+    command += " " + shell_quote(arg);
+  }
+  command += " >" + shell_quote(out_path) + " 2>" + shell_quote(err_path) +
+             " </dev/null";
+
+  RunResult result;
+  const int raw_status = std::system(command.c_str());
+  if (raw_status != -1 && WIFEXITED(raw_status)) {
+    result.status = WEXITSTATUS(raw_status);
+  }
+  result.out = read_text(out_path);
+  result.err = read_text(err_path);
+  return result;
+}
+
+// Reads a golden or produced gradient as doubles.
+std::vector<double> read_as_double(const std::string& path,
+                                   qrloss::Shape* shape) {
+  const npy::Array array = npy::read(path);
+  *shape = array.shape;
+  if (array.dtype == npy::DType::kFloat32) {
+    return std::vector<double>(array.f32.begin(), array.f32.end());
+  }
+  return array.f64;
+}
+
+// Writes a small float64 array of `shape` filled with `value`.
+void write_filled(const std::string& path, const qrloss::Shape& shape,
+                  double value) {
+  const std::vector<double> data(
+      static_cast<std::size_t>(qrloss::testing::count(shape)), value);
+  npy::write(path, data.data(), shape);
+}
+
+#define QRLOSS_REQUIRE_EXE_()                                       \
+  if (qrloss_exe().empty()) {                                       \
+    MESSAGE("skipped: QRLOSS_EXE is not set (meson test sets it)"); \
+    return;                                                         \
+  }
+
+}  // namespace
+
+TEST_SUITE("cli") {
+  TEST_CASE("eval matches golden cases") {
+    QRLOSS_REQUIRE_EXE_();
+    const fs::path golden = qrloss::testing::golden_dir();
+    const fs::path cases_path = golden / "cases.json";
+    if (!fs::exists(cases_path)) {
+      MESSAGE("skipped: golden cases not found at "
+              << cases_path.string() << " (set QRLOSS_GOLDEN_DIR)");
+      return;
+    }
+    std::ifstream cases_file(cases_path);
+    const nlohmann::json cases = nlohmann::json::parse(cases_file);
+    REQUIRE(cases.is_array());
+    REQUIRE(!cases.empty());
+
+    TempDir dir;
+    const std::string grad_path = dir.file("grad.npy");
+    int runs = 0;
+    for (const nlohmann::json& test_case : cases) {
+      const std::string name = test_case.at("name").get<std::string>();
+      const fs::path case_dir = golden / name;
+      const bool is_float32 = test_case.at("dtype") == "float32";
+      const double eps = test_case.at("eps").get<double>();
+
+      for (const std::string loss : {"qr", "rq"}) {
+        for (const std::string input : {"probs", "logits"}) {
+          const fs::path input_path = case_dir / (input + ".npy");
+          if (!fs::exists(input_path)) {
+            continue;
+          }
+          const std::string loss_key =
+              "loss_" + loss + (input == "logits" ? "_from_logits" : "");
+          const std::string grad_ref_path =
+              (case_dir / ("grad_" + loss + "_" + input + ".npy")).string();
+          CAPTURE(name);
+          CAPTURE(loss);
+          CAPTURE(input);
+          REQUIRE(test_case.contains(loss_key));
+
+          fs::remove(grad_path);
+          const RunResult run = run_qrloss(
+              dir, {"eval", "--loss", loss, "--" + input, input_path.string(),
+                    "--target", (case_dir / "target.npy").string(), "--eps",
+                    format_double(eps), "--grad-out", grad_path});
+          ++runs;
+          INFO("stderr: " << run.err);
+          REQUIRE(run.status == 0);
+          CHECK(run.err.empty());
+
+          const nlohmann::json output = nlohmann::json::parse(run.out);
+          const double expected = test_case.at(loss_key).get<double>();
+          const double loss_value = output.at("loss").get<double>();
+          const double rtol = is_float32 ? kLossRtolFloat32 : kLossRtolFloat64;
+          CHECK(std::abs(loss_value - expected) <= rtol * std::abs(expected));
+          CHECK(output.at("loss_name") == loss);
+          CHECK(output.at("input") == input);
+          CHECK(output.at("dtype") == test_case.at("dtype"));
+          CHECK(output.at("shape") == test_case.at("shape"));
+          CHECK(output.at("eps").get<double>() == eps);
+          CHECK(output.at("grad_out") == grad_path);
+
+          qrloss::Shape grad_shape;
+          qrloss::Shape ref_shape;
+          const npy::Array grad_array = npy::read(grad_path);
+          CHECK(npy::dtype_name(grad_array.dtype) == test_case.at("dtype"));
+          const std::vector<double> grad =
+              read_as_double(grad_path, &grad_shape);
+          const std::vector<double> ref =
+              read_as_double(grad_ref_path, &ref_shape);
+          REQUIRE(grad_shape == ref_shape);
+          if (is_float32) {
+            const double error = qrloss::testing::max_error_over_max(grad, ref);
+            INFO("max|g - g_ref| / max|g_ref| = " << error);
+            CHECK(error <= kGradRtolFloat32);
+          } else {
+            const double ratio = qrloss::testing::golden_f64_ratio(grad, ref);
+            INFO("worst |g - g_ref| / (1e-10 * (|g_ref| + median|g_ref|)) = "
+                 << ratio);
+            CHECK(ratio <= kGradRatioFloat64);
+          }
+        }
+      }
+    }
+    CHECK(runs > 0);
+  }
+
+  TEST_CASE("eval output fields") {
+    QRLOSS_REQUIRE_EXE_();
+    TempDir dir;
+    const std::string probs = dir.file("probs.npy");
+    const std::string target = dir.file("target.npy");
+    const std::vector<float> probs_data = {0.2f, 0.3f, 0.5f, 0.6f, 0.3f, 0.1f};
+    const std::vector<float> target_data = {0.1f, 0.1f, 0.8f, 0.7f, 0.2f, 0.1f};
+    npy::write(probs, probs_data.data(), {2, 3});
+    npy::write(target, target_data.data(), {2, 3});
+
+    const RunResult run =
+        run_qrloss(dir, {"eval", "--loss", "rq", "--probs", probs, "--target",
+                         target, "--threads", "2"});
+    INFO("stderr: " << run.err);
+    REQUIRE(run.status == 0);
+    CHECK(run.err.empty());
+    // Exactly one JSON object on one line.
+    REQUIRE(!run.out.empty());
+    CHECK(run.out.find('\n') == run.out.size() - 1);
+
+    const nlohmann::json output = nlohmann::json::parse(run.out);
+    CHECK(output.at("loss").is_number_float());
+    CHECK(output.at("loss_name") == "rq");
+    CHECK(output.at("input") == "probs");
+    CHECK(output.at("input_file") == probs);
+    CHECK(output.at("target_file") == target);
+    CHECK(output.at("shape") == nlohmann::json::array({2, 3}));
+    CHECK(output.at("dtype") == "float32");
+    CHECK(output.at("eps").get<double>() == 1e-8);
+    CHECK(output.at("threads") == 2);
+    CHECK(output.at("grad_out").is_null());
+
+    // The JSON number and the 17-digit text are the same double.
+    const double from_number = output.at("loss").get<double>();
+    const double from_text =
+        std::strtod(output.at("loss_text").get<std::string>().c_str(), nullptr);
+    CHECK(from_number == from_text);
+  }
+
+  TEST_CASE("eval prints infinite loss as null") {
+    QRLOSS_REQUIRE_EXE_();
+    TempDir dir;
+    // With eps = 0, q > 0 where p = 0 makes the QR loss +inf.
+    const std::vector<double> probs = {0.5, 0.5};
+    const std::vector<double> target = {1.0, 0.0};
+    npy::write(dir.file("probs.npy"), probs.data(), {1, 2});
+    npy::write(dir.file("target.npy"), target.data(), {1, 2});
+
+    const RunResult run = run_qrloss(
+        dir, {"eval", "--loss", "qr", "--probs", dir.file("probs.npy"),
+              "--target", dir.file("target.npy"), "--eps", "0"});
+    INFO("stderr: " << run.err);
+    REQUIRE(run.status == 0);
+    const nlohmann::json output = nlohmann::json::parse(run.out);
+    CHECK(output.at("loss").is_null());
+    CHECK(output.at("loss_text") == "inf");
+    CHECK(output.at("eps").get<double>() == 0.0);
+
+    // "-0" is accepted as eps = +0.
+    const RunResult negative_zero = run_qrloss(
+        dir, {"eval", "--loss", "qr", "--probs", dir.file("probs.npy"),
+              "--target", dir.file("target.npy"), "--eps", "-0"});
+    REQUIRE(negative_zero.status == 0);
+    const double eps =
+        nlohmann::json::parse(negative_zero.out).at("eps").get<double>();
+    CHECK(eps == 0.0);
+    CHECK_FALSE(std::signbit(eps));
+  }
+
+  TEST_CASE("eval is independent of thread count") {
+    QRLOSS_REQUIRE_EXE_();
+    TempDir dir;
+    const qrloss::Shape shape = {3, 4, 17, 9};
+    const std::vector<double> logits =
+        qrloss::testing::random_logits<double>(shape, 7);
+    const std::vector<double> target =
+        qrloss::testing::random_simplex<double>(shape, 11);
+    npy::write(dir.file("logits.npy"), logits.data(), shape);
+    npy::write(dir.file("target.npy"), target.data(), shape);
+
+    std::vector<std::string> outputs;
+    std::vector<std::string> gradients;
+    for (const char* threads : {"1", "3", "0"}) {
+      const std::string grad_path = dir.file(std::string("grad_") + threads);
+      const RunResult run = run_qrloss(
+          dir, {"eval", "--loss", "qr", "--logits", dir.file("logits.npy"),
+                "--target", dir.file("target.npy"), "--threads", threads,
+                "--grad-out", grad_path});
+      INFO("stderr: " << run.err);
+      REQUIRE(run.status == 0);
+      outputs.push_back(
+          nlohmann::json::parse(run.out).at("loss_text").get<std::string>());
+      gradients.push_back(read_text(grad_path));
+    }
+    CHECK(outputs[1] == outputs[0]);
+    CHECK(outputs[2] == outputs[0]);
+    CHECK(gradients[1] == gradients[0]);
+    CHECK(gradients[2] == gradients[0]);
+  }
+
+  TEST_CASE("eval rejects bad input") {
+    QRLOSS_REQUIRE_EXE_();
+    TempDir dir;
+    const std::string probs = dir.file("probs.npy");
+    const std::string target = dir.file("target.npy");
+    const std::string target_wide = dir.file("target_wide.npy");
+    const std::string target_f32 = dir.file("target_f32.npy");
+    const std::string probs_rank3 = dir.file("probs_rank3.npy");
+    const std::string probs_negative = dir.file("probs_negative.npy");
+    const std::string probs_empty = dir.file("probs_empty.npy");
+    const std::string not_npy = dir.file("not_npy.npy");
+    const std::string missing = dir.file("missing.npy");
+    const std::string grad = dir.file("grad.npy");
+    write_filled(probs, {2, 3}, 1.0 / 3.0);
+    write_filled(target, {2, 3}, 1.0 / 3.0);
+    write_filled(target_wide, {2, 4}, 0.25);
+    write_filled(probs_rank3, {2, 3, 1}, 1.0 / 3.0);
+    write_filled(probs_negative, {2, 3}, -0.5);
+    write_filled(probs_empty, {0, 3}, 0.0);
+    const std::vector<float> target_f32_data(6, 1.0f / 3.0f);
+    npy::write(target_f32, target_f32_data.data(), {2, 3});
+    std::ofstream(not_npy) << "probs,target\n0.5,0.5\n";
+
+    struct Case {
+      const char* name;
+      std::vector<std::string> args;
+      const char* message;
+    };
+    const std::vector<Case> cases = {
+        {"missing file",
+         {"--loss", "qr", "--probs", missing, "--target", target},
+         "cannot open"},
+        {"not an npy file",
+         {"--loss", "qr", "--probs", not_npy, "--target", target},
+         "bad magic"},
+        {"shape mismatch",
+         {"--loss", "qr", "--probs", probs, "--target", target_wide},
+         "shape mismatch"},
+        {"dtype mismatch",
+         {"--loss", "rq", "--probs", probs, "--target", target_f32},
+         "dtype mismatch"},
+        {"rank 3",
+         {"--loss", "qr", "--probs", probs_rank3, "--target", probs_rank3},
+         "unsupported rank"},
+        {"negative probs",
+         {"--loss", "qr", "--probs", probs_negative, "--target", target},
+         "probs"},
+        {"empty probs",
+         {"--loss", "qr", "--probs", probs_empty, "--target", probs_empty},
+         "empty input"},
+        {"bad loss",
+         {"--loss", "qx", "--probs", probs, "--target", target},
+         "--loss"},
+        {"missing loss", {"--probs", probs, "--target", target}, "--loss"},
+        {"missing target", {"--loss", "qr", "--probs", probs}, "--target"},
+        {"negative eps",
+         {"--loss", "qr", "--probs", probs, "--target", target, "--eps", "-1"},
+         "--eps"},
+        {"nan eps",
+         {"--loss", "qr", "--probs", probs, "--target", target, "--eps", "nan"},
+         "--eps"},
+        {"infinite eps",
+         {"--loss", "qr", "--probs", probs, "--target", target, "--eps", "inf"},
+         "--eps"},
+        {"eps not a number",
+         {"--loss", "qr", "--probs", probs, "--target", target, "--eps", "abc"},
+         "--eps"},
+        {"eps with trailing text",
+         {"--loss", "qr", "--probs", probs, "--target", target, "--eps",
+          "1e-8x"},
+         "--eps"},
+        {"negative threads",
+         {"--loss", "qr", "--probs", probs, "--target", target, "--threads",
+          "-1"},
+         "--threads"},
+        {"both probs and logits",
+         {"--loss", "qr", "--probs", probs, "--logits", probs, "--target",
+          target},
+         "excludes"},
+        {"neither probs nor logits",
+         {"--loss", "qr", "--target", target},
+         "missing input"},
+        {"grad-out in missing directory",
+         {"--loss", "qr", "--probs", probs, "--target", target, "--grad-out",
+          dir.file("no_such_dir/grad.npy")},
+         "cannot create temporary file"},
+    };
+
+    for (const Case& test : cases) {
+      CAPTURE(test.name);
+      std::vector<std::string> args = {"eval"};
+      args.insert(args.end(), test.args.begin(), test.args.end());
+      bool has_grad_out = false;
+      for (const std::string& arg : test.args) {
+        has_grad_out = has_grad_out || arg == "--grad-out";
+      }
+      if (!has_grad_out) {
+        args.push_back("--grad-out");
+        args.push_back(grad);
+      }
+
+      const RunResult run = run_qrloss(dir, args);
+      INFO("stderr: " << run.err);
+      CHECK(run.status == kExitUsage);
+      CHECK(run.out.empty());
+      CHECK(run.err.rfind("qrloss", 0) == 0);
+      CHECK(run.err.find(test.message) != std::string::npos);
+      // One line: the only line break ends the message.
+      CHECK(run.err.find('\n') == run.err.size() - 1);
+      CHECK_FALSE(fs::exists(grad));
+      CHECK_FALSE(fs::exists(dir.file("no_such_dir")));
+    }
+  }
+
+  TEST_CASE("eval keeps existing grad-out on error") {
+    QRLOSS_REQUIRE_EXE_();
+    TempDir dir;
+    const std::string probs = dir.file("probs.npy");
+    const std::string target = dir.file("target_wide.npy");
+    const std::string grad = dir.file("grad.npy");
+    write_filled(probs, {2, 3}, 1.0 / 3.0);
+    write_filled(target, {2, 4}, 0.25);
+    std::ofstream(grad) << "previous content";
+
+    const RunResult run =
+        run_qrloss(dir, {"eval", "--loss", "qr", "--probs", probs, "--target",
+                         target, "--grad-out", grad});
+    CHECK(run.status == kExitUsage);
+    CHECK(run.out.empty());
+    CHECK(read_text(grad) == "previous content");
+    // No temporary file is left next to the output.
+    int entries = 0;
+    for (const auto& entry :
+         fs::directory_iterator(fs::path(grad).parent_path())) {
+      CAPTURE(entry.path().string());
+      CHECK(entry.path().filename().string().find(".tmp-") ==
+            std::string::npos);
+      ++entries;
+    }
+    CHECK(entries == 5);  // probs, target, grad, stdout.txt, stderr.txt
+  }
+
+  TEST_CASE("help lists every option") {
+    QRLOSS_REQUIRE_EXE_();
+    TempDir dir;
+
+    const RunResult top = run_qrloss(dir, {"--help"});
+    CHECK(top.status == 0);
+    CHECK(top.err.empty());
+    for (const char* text : {"eval", "bench", "--version", "Exit status"}) {
+      CAPTURE(text);
+      CHECK(top.out.find(text) != std::string::npos);
+    }
+
+    const RunResult eval = run_qrloss(dir, {"eval", "--help"});
+    CHECK(eval.status == 0);
+    for (const char* text :
+         {"--loss", "--probs", "--logits", "--target", "--eps", "--grad-out",
+          "--threads", "1e-08", "loss_text"}) {
+      CAPTURE(text);
+      CHECK(eval.out.find(text) != std::string::npos);
+    }
+
+    const RunResult bench = run_qrloss(dir, {"bench", "--help"});
+    CHECK(bench.status == 0);
+    for (const char* text : {"--loss", "--from-logits", "--shape", "--dtype",
+                             "--threads", "--repeat"}) {
+      CAPTURE(text);
+      CHECK(bench.out.find(text) != std::string::npos);
+    }
+  }
+
+  TEST_CASE("version and usage errors") {
+    QRLOSS_REQUIRE_EXE_();
+    TempDir dir;
+
+    const RunResult version = run_qrloss(dir, {"--version"});
+    CHECK(version.status == 0);
+    CHECK(!version.out.empty());
+    CHECK(version.out.find("unknown") == std::string::npos);
+
+    const RunResult no_command = run_qrloss(dir, {});
+    CHECK(no_command.status == kExitUsage);
+    CHECK(no_command.out.empty());
+    CHECK(no_command.err.rfind("qrloss: ", 0) == 0);
+
+    CHECK(no_command.err.find("missing command") != std::string::npos);
+
+    const RunResult unknown = run_qrloss(dir, {"evaluate"});
+    CHECK(unknown.status == kExitUsage);
+    CHECK(unknown.out.empty());
+    CHECK(unknown.err.rfind("qrloss: ", 0) == 0);
+    CHECK(unknown.err.find("evaluate") != std::string::npos);
+
+    const RunResult bench = run_qrloss(dir, {"bench", "--repeat", "0"});
+    CHECK(bench.status == kExitUsage);
+    CHECK(bench.out.empty());
+    CHECK(bench.err.find("--repeat") != std::string::npos);
+  }
+
+}  // TEST_SUITE("cli")
