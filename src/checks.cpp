@@ -83,14 +83,13 @@ Geometry make_geometry(const char* function, const char* tensor,
   }
   // Checked products: an overflowing count must be an error, not a wrapped
   // size that allocates or indexes the wrong amount of memory.
-  const std::int64_t max_elements =
-      std::numeric_limits<std::int64_t>::max() /
-      static_cast<std::int64_t>(element_size);
+  const std::int64_t max_elements = std::numeric_limits<std::int64_t>::max() /
+                                    static_cast<std::int64_t>(element_size);
   std::int64_t count = 1;
   for (std::int64_t extent : shape) {
     if (count > max_elements / extent) {
-      throw invalid_argument(prefix + "size overflow: " + tensor +
-                             " shape " + format_shape(shape) +
+      throw invalid_argument(prefix + "size overflow: " + tensor + " shape " +
+                             format_shape(shape) +
                              " has more bytes than fit in int64");
     }
     count *= extent;
@@ -125,9 +124,9 @@ void check_no_overlap(const char* function, const char* output_name,
   const bool disjoint =
       out_begin + bytes <= in_begin || in_begin + bytes <= out_begin;
   if (disjoint) return;
-  throw invalid_argument(std::string(function) + ": overlapping buffers: " +
-                         output_name + " overlaps " + input_name +
-                         "; pass a separate output buffer");
+  throw invalid_argument(
+      std::string(function) + ": overlapping buffers: " + output_name +
+      " overlaps " + input_name + "; pass a separate output buffer");
 }
 
 int resolve_threads(int requested) {
@@ -137,11 +136,10 @@ int resolve_threads(int requested) {
 
 template <typename T>
 void throw_bad_value(const char* function, const char* tensor, const T* data,
-                     Index flat, const Geometry& geometry,
-                     const Shape& shape) {
+                     Index flat, const Geometry& geometry, const Shape& shape) {
   const T value = data[flat];
-  const char* problem = std::isfinite(value) ? "negative input"
-                                             : "non-finite input";
+  const char* problem =
+      std::isfinite(value) ? "negative input" : "non-finite input";
   throw invalid_argument(std::string(function) + ": " + problem + ": " +
                          tensor + " is " + format_double(value) + " at " +
                          geometry.position(flat, shape) +
@@ -150,14 +148,15 @@ void throw_bad_value(const char* function, const char* tensor, const T* data,
 
 template <typename T>
 void check_values(const char* function, const char* tensor, const T* data,
-                  const Geometry& geometry, const Shape& shape,
-                  ValueRule rule, int threads) {
+                  const Geometry& geometry, const Shape& shape, ValueRule rule,
+                  int threads) {
   const ChunkPlan plan = plan_chunks(geometry.num_pixels());
   BadIndexLog log(plan.num_chunks);
   const Index tile = tile_pixels(geometry.C);
   run_chunks(plan, threads, [&](Index chunk, int) {
     const Index begin = chunk * plan.chunk_pixels;
-    const Index end = std::min(begin + plan.chunk_pixels, geometry.num_pixels());
+    const Index end =
+        std::min(begin + plan.chunk_pixels, geometry.num_pixels());
     for_each_tile(geometry, begin, end, tile, [&](Index b, Index p0, Index n) {
       for (Index c = 0; c < geometry.C; ++c) {
         const Index row = geometry.offset(b, c, p0);

@@ -19,9 +19,9 @@ std::vector<std::int64_t> choose_indices(const GradientCheckOptions& options,
   if (!options.indices.empty()) {
     for (std::int64_t index : options.indices) {
       if (index < 0 || index >= size) {
-        throw invalid_argument("check_gradient: index out of range: " +
-                               std::to_string(index) + " for x of size " +
-                               std::to_string(size));
+        throw invalid_argument(
+            "check_gradient: index out of range: " + std::to_string(index) +
+            " for x of size " + std::to_string(size));
       }
     }
     return options.indices;
@@ -43,7 +43,8 @@ std::vector<std::int64_t> choose_indices(const GradientCheckOptions& options,
 }
 
 std::string position_of(std::int64_t flat, const Shape& shape) {
-  if (shape.size() != 2 && shape.size() != 4) return "[" + std::to_string(flat) + "]";
+  if (shape.size() != 2 && shape.size() != 4)
+    return "[" + std::to_string(flat) + "]";
   detail::Geometry geometry;
   geometry.B = shape[0];
   geometry.C = shape[1];
@@ -60,8 +61,8 @@ std::string GradientCheckReport::summary() const {
       << num_failed << " of " << num_checked
       << " entries out of tolerance; max abs error " << max_abs_error
       << ", max rel error " << max_rel_error << ", atol " << atol
-      << "; worst entry " << worst_position << " analytic "
-      << worst_analytic << " numeric " << worst_numeric;
+      << "; worst entry " << worst_position << " analytic " << worst_analytic
+      << " numeric " << worst_numeric;
   return out.str();
 }
 
@@ -73,9 +74,10 @@ GradientCheckReport check_gradient(
     throw invalid_argument("check_gradient: empty tensor: x has size 0");
   }
   if (analytic.size() != x.size()) {
-    throw invalid_argument("check_gradient: shape mismatch: expected analytic "
-                           "of size " + std::to_string(x.size()) + ", got " +
-                           std::to_string(analytic.size()));
+    throw invalid_argument(
+        "check_gradient: shape mismatch: expected analytic "
+        "of size " +
+        std::to_string(x.size()) + ", got " + std::to_string(analytic.size()));
   }
   const std::vector<std::int64_t> indices = choose_indices(options, x.size());
 

@@ -36,12 +36,14 @@ CallSetup setup_call(const char* function, const char* input_name,
                      const T* input, const T* target, const T* grad,
                      const char* grad_name, const Shape& shape,
                      const LossOptions& options) {
-  check_not_null(function, input_name, input);
-  check_not_null(function, "target", target);
+  // The shape is checked first: an empty std::vector may have a null
+  // data(), and "empty tensor" is then the accurate message.
   CallSetup call;
   call.function = function;
   call.shape = shape;
   call.geometry = make_geometry(function, input_name, shape, sizeof(T));
+  check_not_null(function, input_name, input);
+  check_not_null(function, "target", target);
   check_eps(function, options.eps);
   if (options.num_threads < 0) {
     throw invalid_argument(std::string(function) +
@@ -64,6 +66,16 @@ CallSetup setup_call(const char* function, const char* input_name,
   return call;
 }
 
+/// Checks the shape, then that a gradient buffer was given, so that an
+/// empty tensor is reported as such even when its buffers are null.
+template <typename T>
+void check_grad_buffer(const char* function, const char* input_name,
+                       const char* grad_name, const T* grad,
+                       const Shape& shape) {
+  make_geometry(function, input_name, shape, sizeof(T));
+  check_not_null(function, grad_name, grad);
+}
+
 /// Rows of q for one tile: row c starts at base + c * stride.
 template <typename T>
 struct Rows {
@@ -75,9 +87,9 @@ struct Rows {
 /// Provides q for a tile: the caller's probs, or the softmax of the logits
 /// computed into the thread's scratch. Scans the input when `log` is set.
 template <typename T, bool kFromLogits>
-Rows<T> load_probs(const Geometry& geometry, const T* input, Index b,
-                   Index p0, Index n, Index tile, Workspace<T>& space,
-                   Index chunk, BadIndexLog* log) {
+Rows<T> load_probs(const Geometry& geometry, const T* input, Index b, Index p0,
+                   Index n, Index tile, Workspace<T>& space, Index chunk,
+                   BadIndexLog* log) {
   const T* first = input + geometry.offset(b, 0, p0);
   if (log != nullptr) {
     const ValueRule rule =
@@ -132,8 +144,8 @@ void raise_if_nan(const CallSetup& call, double value, const char* what) {
 // ---------------------------------------------------------------------------
 
 template <typename T, bool kFromLogits>
-double qr_impl(const char* function, const T* input, const T* target,
-               T* grad, const Shape& shape, const LossOptions& options) {
+double qr_impl(const char* function, const T* input, const T* target, T* grad,
+               const Shape& shape, const LossOptions& options) {
   const char* input_name = kFromLogits ? "logits" : "probs";
   const CallSetup call =
       setup_call(function, input_name, input, target, grad,
@@ -158,9 +170,9 @@ double qr_impl(const char* function, const T* input, const T* target,
     double* acc = partial.chunk(chunk);
     std::fill(acc, acc + C + 1, 0.0);
     for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
-      const Rows<T> probs = load_probs<T, kFromLogits>(
-          geometry, input, b, p0, n, L, space, chunk,
-          call.check ? &bad_input : nullptr);
+      const Rows<T> probs =
+          load_probs<T, kFromLogits>(geometry, input, b, p0, n, L, space, chunk,
+                                     call.check ? &bad_input : nullptr);
       T* log_p = space.tmp1.data();
       for (Index c = 0; c < C; ++c) {
         const T* q = probs.row(c);
@@ -211,8 +223,8 @@ double qr_impl(const char* function, const T* input, const T* target,
     for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
       Rows<T> probs{nullptr, 0};
       if constexpr (kFromLogits) {
-        probs = load_probs<T, true>(geometry, input, b, p0, n, L, space,
-                                    chunk, nullptr);
+        probs = load_probs<T, true>(geometry, input, b, p0, n, L, space, chunk,
+                                    nullptr);
       }
       T* log_p = space.tmp1.data();
       for (Index c = 0; c < C; ++c) {
@@ -245,8 +257,8 @@ double qr_impl(const char* function, const T* input, const T* target,
 // ---------------------------------------------------------------------------
 
 template <typename T, bool kFromLogits>
-double rq_impl(const char* function, const T* input, const T* target,
-               T* grad, const Shape& shape, const LossOptions& options) {
+double rq_impl(const char* function, const T* input, const T* target, T* grad,
+               const Shape& shape, const LossOptions& options) {
   const char* input_name = kFromLogits ? "logits" : "probs";
   const CallSetup call =
       setup_call(function, input_name, input, target, grad,
@@ -272,9 +284,9 @@ double rq_impl(const char* function, const T* input, const T* target,
     double* acc = class_sums.chunk(chunk);
     std::fill(acc, acc + C, 0.0);
     for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
-      const Rows<T> probs = load_probs<T, kFromLogits>(
-          geometry, input, b, p0, n, L, space, chunk,
-          call.check ? &bad_input : nullptr);
+      const Rows<T> probs =
+          load_probs<T, kFromLogits>(geometry, input, b, p0, n, L, space, chunk,
+                                     call.check ? &bad_input : nullptr);
       for (Index c = 0; c < C; ++c) {
         const T* q = probs.row(c);
         acc[c] += lane_sum(q, n);
@@ -333,8 +345,7 @@ double rq_impl(const char* function, const T* input, const T* target,
         }
       }
       for (Index i = 0; i < n; ++i) {
-        clamped_sum[i] =
-            static_cast<T>(std::max(pixel_sum[i], kPixelSumFloor));
+        clamped_sum[i] = static_cast<T>(std::max(pixel_sum[i], kPixelSumFloor));
         abar[i] = 0.0;
       }
 
@@ -350,9 +361,8 @@ double rq_impl(const char* function, const T* input, const T* target,
         // pixel with one nonzero u gets r = 1 exactly.
         ArrayMap<T>(w, n) =
             ConstArrayMap<T>(p, n) * scale / ConstArrayMap<T>(clamped_sum, n);
-        ArrayMap<T>(r, n) =
-            ConstArrayMap<T>(q, n) * ConstArrayMap<T>(p, n) * scale /
-            ConstArrayMap<T>(clamped_sum, n);
+        ArrayMap<T>(r, n) = ConstArrayMap<T>(q, n) * ConstArrayMap<T>(p, n) *
+                            scale / ConstArrayMap<T>(clamped_sum, n);
         T* term = space.tmp2.data();
         if (!eps_zero) {
           // log(r + eps) - log(q + eps) as one log of a ratio: half the
@@ -378,8 +388,8 @@ double rq_impl(const char* function, const T* input, const T* target,
           }
           acc[0] += lane_sum(term, n);
           for (Index i = 0; i < n; ++i) {
-            abar[i] += static_cast<double>(r[i] > T(0) ? r[i] * (a[i] + T(1))
-                                                       : T(0));
+            abar[i] +=
+                static_cast<double>(r[i] > T(0) ? r[i] * (a[i] + T(1)) : T(0));
           }
         }
       }
@@ -404,16 +414,16 @@ double rq_impl(const char* function, const T* input, const T* target,
         if (!eps_zero) {
           for (Index i = 0; i < n; ++i) term[i] = r[i] * (a[i] - abar_t[i]);
           for (Index i = 0; i < n; ++i) {
-            out[i] = inv_pixels * w[i] *
-                     (a[i] - abar_t[i] - q[i] / (q[i] + eps));
+            out[i] =
+                inv_pixels * w[i] * (a[i] - abar_t[i] - q[i] / (q[i] + eps));
           }
         } else {
           for (Index i = 0; i < n; ++i) {
             term[i] = r[i] > T(0) ? r[i] * (a[i] + T(1) - abar_t[i]) : T(0);
           }
           for (Index i = 0; i < n; ++i) {
-            out[i] = w[i] > T(0) ? inv_pixels * w[i] * (a[i] - abar_t[i])
-                                 : T(0);
+            out[i] =
+                w[i] > T(0) ? inv_pixels * w[i] * (a[i] - abar_t[i]) : T(0);
           }
         }
         acc[1 + c] += lane_sum(term, n);
@@ -452,8 +462,8 @@ double rq_impl(const char* function, const T* input, const T* target,
       } else {
         // eq. 7 is linear in g, so the class term is chained separately:
         // dx_c -= q_c (term_c - sum_k term_k q_k).
-        const Rows<T> probs = load_probs<T, true>(geometry, input, b, p0, n,
-                                                  L, space, chunk, nullptr);
+        const Rows<T> probs = load_probs<T, true>(geometry, input, b, p0, n, L,
+                                                  space, chunk, nullptr);
         double* dot = space.sum.data();
         T* dot_t = space.pixel.data();
         std::fill(dot, dot + n, 0.0);
@@ -488,9 +498,9 @@ double qr_loss(const T* probs, const T* target, const Shape& shape,
 template <typename T>
 double qr_loss_grad(const T* probs, const T* target, T* dL_dq,
                     const Shape& shape, const LossOptions& options) {
-  detail::check_not_null("qr_loss_grad", "dL_dq", dL_dq);
-  return detail::qr_impl<T, false>("qr_loss_grad", probs, target, dL_dq,
-                                   shape, options);
+  detail::check_grad_buffer("qr_loss_grad", "probs", "dL_dq", dL_dq, shape);
+  return detail::qr_impl<T, false>("qr_loss_grad", probs, target, dL_dq, shape,
+                                   options);
 }
 
 template <typename T>
@@ -503,14 +513,14 @@ double rq_loss(const T* probs, const T* target, const Shape& shape,
 template <typename T>
 double rq_loss_grad(const T* probs, const T* target, T* dL_dq,
                     const Shape& shape, const LossOptions& options) {
-  detail::check_not_null("rq_loss_grad", "dL_dq", dL_dq);
-  return detail::rq_impl<T, false>("rq_loss_grad", probs, target, dL_dq,
-                                   shape, options);
+  detail::check_grad_buffer("rq_loss_grad", "probs", "dL_dq", dL_dq, shape);
+  return detail::rq_impl<T, false>("rq_loss_grad", probs, target, dL_dq, shape,
+                                   options);
 }
 
 template <typename T>
-double qr_loss_from_logits(const T* logits, const T* target,
-                           const Shape& shape, const LossOptions& options) {
+double qr_loss_from_logits(const T* logits, const T* target, const Shape& shape,
+                           const LossOptions& options) {
   return detail::qr_impl<T, true>("qr_loss_from_logits", logits, target,
                                   nullptr, shape, options);
 }
@@ -519,14 +529,15 @@ template <typename T>
 double qr_loss_grad_from_logits(const T* logits, const T* target, T* dL_dx,
                                 const Shape& shape,
                                 const LossOptions& options) {
-  detail::check_not_null("qr_loss_grad_from_logits", "dL_dx", dL_dx);
+  detail::check_grad_buffer("qr_loss_grad_from_logits", "logits", "dL_dx",
+                            dL_dx, shape);
   return detail::qr_impl<T, true>("qr_loss_grad_from_logits", logits, target,
                                   dL_dx, shape, options);
 }
 
 template <typename T>
-double rq_loss_from_logits(const T* logits, const T* target,
-                           const Shape& shape, const LossOptions& options) {
+double rq_loss_from_logits(const T* logits, const T* target, const Shape& shape,
+                           const LossOptions& options) {
   return detail::rq_impl<T, true>("rq_loss_from_logits", logits, target,
                                   nullptr, shape, options);
 }
@@ -535,7 +546,8 @@ template <typename T>
 double rq_loss_grad_from_logits(const T* logits, const T* target, T* dL_dx,
                                 const Shape& shape,
                                 const LossOptions& options) {
-  detail::check_not_null("rq_loss_grad_from_logits", "dL_dx", dL_dx);
+  detail::check_grad_buffer("rq_loss_grad_from_logits", "logits", "dL_dx",
+                            dL_dx, shape);
   return detail::rq_impl<T, true>("rq_loss_grad_from_logits", logits, target,
                                   dL_dx, shape, options);
 }
@@ -552,9 +564,8 @@ double compute_loss(LossKind kind, const T* probs, const T* target, T* dL_dq,
 }
 
 template <typename T>
-double compute_loss_from_logits(LossKind kind, const T* logits,
-                                const T* target, T* dL_dx,
-                                const Shape& shape,
+double compute_loss_from_logits(LossKind kind, const T* logits, const T* target,
+                                T* dL_dx, const Shape& shape,
                                 const LossOptions& options) {
   if (kind == LossKind::kQR) {
     return dL_dx
@@ -565,30 +576,27 @@ double compute_loss_from_logits(LossKind kind, const T* logits,
                : rq_loss_from_logits(logits, target, shape, options);
 }
 
-#define QRLOSS_INSTANTIATE_(T)                                                \
-  template double qr_loss<T>(const T*, const T*, const Shape&,                \
-                             const LossOptions&);                             \
-  template double qr_loss_grad<T>(const T*, const T*, T*, const Shape&,       \
-                                  const LossOptions&);                        \
-  template double rq_loss<T>(const T*, const T*, const Shape&,                \
-                             const LossOptions&);                             \
-  template double rq_loss_grad<T>(const T*, const T*, T*, const Shape&,       \
-                                  const LossOptions&);                        \
-  template double qr_loss_from_logits<T>(const T*, const T*, const Shape&,    \
-                                         const LossOptions&);                 \
-  template double qr_loss_grad_from_logits<T>(const T*, const T*, T*,         \
-                                              const Shape&,                   \
-                                              const LossOptions&);            \
-  template double rq_loss_from_logits<T>(const T*, const T*, const Shape&,    \
-                                         const LossOptions&);                 \
-  template double rq_loss_grad_from_logits<T>(const T*, const T*, T*,         \
-                                              const Shape&,                   \
-                                              const LossOptions&);            \
-  template double compute_loss<T>(LossKind, const T*, const T*, T*,           \
-                                  const Shape&, const LossOptions&);          \
-  template double compute_loss_from_logits<T>(LossKind, const T*, const T*,   \
-                                              T*, const Shape&,               \
-                                              const LossOptions&);
+#define QRLOSS_INSTANTIATE_(T)                                             \
+  template double qr_loss<T>(const T*, const T*, const Shape&,             \
+                             const LossOptions&);                          \
+  template double qr_loss_grad<T>(const T*, const T*, T*, const Shape&,    \
+                                  const LossOptions&);                     \
+  template double rq_loss<T>(const T*, const T*, const Shape&,             \
+                             const LossOptions&);                          \
+  template double rq_loss_grad<T>(const T*, const T*, T*, const Shape&,    \
+                                  const LossOptions&);                     \
+  template double qr_loss_from_logits<T>(const T*, const T*, const Shape&, \
+                                         const LossOptions&);              \
+  template double qr_loss_grad_from_logits<T>(                             \
+      const T*, const T*, T*, const Shape&, const LossOptions&);           \
+  template double rq_loss_from_logits<T>(const T*, const T*, const Shape&, \
+                                         const LossOptions&);              \
+  template double rq_loss_grad_from_logits<T>(                             \
+      const T*, const T*, T*, const Shape&, const LossOptions&);           \
+  template double compute_loss<T>(LossKind, const T*, const T*, T*,        \
+                                  const Shape&, const LossOptions&);       \
+  template double compute_loss_from_logits<T>(                             \
+      LossKind, const T*, const T*, T*, const Shape&, const LossOptions&);
 
 QRLOSS_INSTANTIATE_(float)
 QRLOSS_INSTANTIATE_(double)

@@ -24,8 +24,7 @@ void for_each_pixel_tile(const Geometry& geometry, int threads,
                          WorkspaceNeeds needs, TileFn&& tile_fn) {
   const ChunkPlan plan = plan_chunks(geometry.num_pixels());
   const Index L = tile_pixels(geometry.C);
-  const int team =
-      static_cast<int>(std::min<Index>(threads, plan.num_chunks));
+  const int team = static_cast<int>(std::min<Index>(threads, plan.num_chunks));
   std::vector<Workspace<T>> spaces =
       make_workspaces<T>(team, geometry.C, L, needs);
   run_chunks(plan, team, [&](Index chunk, int thread) {
@@ -52,9 +51,9 @@ template <typename T>
 void softmax(const T* logits, T* probs, const Shape& shape, int num_threads) {
   using namespace detail;
   const char* function = "softmax";
+  const Geometry geometry = make_geometry(function, "logits", shape, sizeof(T));
   check_not_null(function, "logits", logits);
   check_not_null(function, "probs", probs);
-  const Geometry geometry = make_geometry(function, "logits", shape, sizeof(T));
   check_threads(function, num_threads);
   const auto bytes =
       static_cast<std::size_t>(geometry.num_elements()) * sizeof(T);
@@ -68,8 +67,8 @@ void softmax(const T* logits, T* probs, const Shape& shape, int num_threads) {
       geometry, threads, needs,
       [&](Index b, Index p0, Index n, Index L, Workspace<T>& space) {
         const Index offset = geometry.offset(b, 0, p0);
-        softmax_tile(logits + offset, geometry.P, geometry.C, n,
-                     space.q.data(), L, space.pixel.data(), space.sum.data());
+        softmax_tile(logits + offset, geometry.P, geometry.C, n, space.q.data(),
+                     L, space.pixel.data(), space.sum.data());
         for (Index c = 0; c < geometry.C; ++c) {
           std::copy(space.q.data() + c * L, space.q.data() + c * L + n,
                     probs + offset + c * geometry.P);
@@ -82,10 +81,10 @@ void softmax_vjp(const T* probs, const T* dL_dq, T* dL_dx, const Shape& shape,
                  int num_threads) {
   using namespace detail;
   const char* function = "softmax_vjp";
+  const Geometry geometry = make_geometry(function, "probs", shape, sizeof(T));
   check_not_null(function, "probs", probs);
   check_not_null(function, "dL_dq", dL_dq);
   check_not_null(function, "dL_dx", dL_dx);
-  const Geometry geometry = make_geometry(function, "probs", shape, sizeof(T));
   check_threads(function, num_threads);
   const auto bytes =
       static_cast<std::size_t>(geometry.num_elements()) * sizeof(T);
@@ -102,8 +101,8 @@ void softmax_vjp(const T* probs, const T* dL_dq, T* dL_dx, const Shape& shape,
       geometry, threads, WorkspaceNeeds{},
       [&](Index b, Index p0, Index n, Index, Workspace<T>& space) {
         const Index offset = geometry.offset(b, 0, p0);
-        softmax_vjp_tile(probs + offset, geometry.P, dL_dq + offset,
-                         geometry.P, dL_dx + offset, geometry.P, geometry.C, n,
+        softmax_vjp_tile(probs + offset, geometry.P, dL_dq + offset, geometry.P,
+                         dL_dx + offset, geometry.P, geometry.C, n,
                          space.sum.data(), space.pixel.data());
       });
 }

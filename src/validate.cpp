@@ -14,9 +14,8 @@ namespace qrloss {
 std::string TargetReport::summary() const {
   std::ostringstream out;
   out << (ok ? "target ok" : "target rows off the simplex") << ": "
-      << num_off_simplex << " of " << num_pixels
-      << " pixels do not sum to 1 (" << num_all_zero
-      << " are all zero); max |sum - 1| = " << max_sum_error;
+      << num_off_simplex << " of " << num_pixels << " pixels do not sum to 1 ("
+      << num_all_zero << " are all zero); max |sum - 1| = " << max_sum_error;
   if (worst_pixel >= 0) out << " at pixel " << worst_pixel;
   return out.str();
 }
@@ -26,8 +25,8 @@ TargetReport validate_target(const T* target, const Shape& shape,
                              double tolerance) {
   using namespace detail;
   const char* function = "validate_target";
-  check_not_null(function, "target", target);
   const Geometry geometry = make_geometry(function, "target", shape, sizeof(T));
+  check_not_null(function, "target", target);
   if (!(tolerance >= 0.0) || !std::isfinite(tolerance)) {
     throw invalid_argument(std::string(function) +
                            ": bad tolerance: expected finite and >= 0, got " +

@@ -1,12 +1,11 @@
 #pragma once
 /// Numeric gradient check by central differences in double precision.
 
+#include <Eigen/Core>
 #include <cstdint>
 #include <functional>
 #include <string>
 #include <vector>
-
-#include <Eigen/Core>
 
 #include "qrloss/tensor.hpp"
 

@@ -109,8 +109,7 @@ double rq_loss_grad(const T* probs, const T* target, T* dL_dq,
 
 /// Computes the QR loss of softmax(logits) over C without a probs buffer.
 template <typename T>
-double qr_loss_from_logits(const T* logits, const T* target,
-                           const Shape& shape,
+double qr_loss_from_logits(const T* logits, const T* target, const Shape& shape,
                            const LossOptions& options = {});
 
 /// Computes the QR loss of q = softmax(logits) and writes dL/dx into dL_dx.
@@ -123,8 +122,7 @@ double qr_loss_grad_from_logits(const T* logits, const T* target, T* dL_dx,
 
 /// Computes the RQ loss of softmax(logits) over C without a probs buffer.
 template <typename T>
-double rq_loss_from_logits(const T* logits, const T* target,
-                           const Shape& shape,
+double rq_loss_from_logits(const T* logits, const T* target, const Shape& shape,
                            const LossOptions& options = {});
 
 /// Computes the RQ loss of q = softmax(logits) and writes dL/dx into dL_dx
@@ -136,15 +134,13 @@ double rq_loss_grad_from_logits(const T* logits, const T* target, T* dL_dx,
 
 /// Computes either loss from probs; writes dL/dq when dL_dq is not null.
 template <typename T>
-double compute_loss(LossKind kind, const T* probs, const T* target,
-                    T* dL_dq, const Shape& shape,
-                    const LossOptions& options = {});
+double compute_loss(LossKind kind, const T* probs, const T* target, T* dL_dq,
+                    const Shape& shape, const LossOptions& options = {});
 
 /// Computes either loss from logits; writes dL/dx when dL_dx is not null.
 template <typename T>
-double compute_loss_from_logits(LossKind kind, const T* logits,
-                                const T* target, T* dL_dx,
-                                const Shape& shape,
+double compute_loss_from_logits(LossKind kind, const T* logits, const T* target,
+                                T* dL_dx, const Shape& shape,
                                 const LossOptions& options = {});
 
 // ---------------------------------------------------------------------------
@@ -152,33 +148,31 @@ double compute_loss_from_logits(LossKind kind, const T* logits,
 // row-major TensorMaps (for example ConstTensorView<float, 4>).
 // ---------------------------------------------------------------------------
 
-#define QRLOSS_TENSOR_MAP_OVERLOADS_(name)                                    \
-  template <typename ProbsMap, typename TargetMap,                            \
-            typename = std::enable_if_t<                                      \
-                detail::is_loss_tensor_map<ProbsMap>::value &&                \
-                detail::is_loss_tensor_map<TargetMap>::value>>                \
-  double name(const ProbsMap& first, const TargetMap& target,                 \
-              const LossOptions& options = {}) {                              \
-    detail::check_same_shape(#name, "target", detail::shape_of(first),        \
-                             detail::shape_of(target));                       \
-    return name(first.data(), target.data(), detail::shape_of(first),         \
-                options);                                                     \
-  }                                                                           \
-  template <typename ProbsMap, typename TargetMap, typename GradMap,          \
-            typename = std::enable_if_t<                                      \
-                detail::is_loss_tensor_map<ProbsMap>::value &&                \
-                detail::is_loss_tensor_map<TargetMap>::value &&               \
-                detail::is_loss_tensor_map<GradMap>::value>>                  \
-  double name##_grad(const ProbsMap& first, const TargetMap& target,          \
-                     GradMap& grad, const LossOptions& options = {}) {        \
-    detail::check_same_shape(#name "_grad", "target",                         \
-                             detail::shape_of(first),                         \
-                             detail::shape_of(target));                       \
-    detail::check_same_shape(#name "_grad", "gradient",                       \
-                             detail::shape_of(first),                         \
-                             detail::shape_of(grad));                         \
-    return name##_grad(first.data(), target.data(), grad.data(),              \
-                       detail::shape_of(first), options);                     \
+#define QRLOSS_TENSOR_MAP_OVERLOADS_(name)                                     \
+  template <typename ProbsMap, typename TargetMap,                             \
+            typename = std::enable_if_t<                                       \
+                detail::is_loss_tensor_map<ProbsMap>::value &&                 \
+                detail::is_loss_tensor_map<TargetMap>::value>>                 \
+  double name(const ProbsMap& first, const TargetMap& target,                  \
+              const LossOptions& options = {}) {                               \
+    detail::check_same_shape(#name, "target", detail::shape_of(first),         \
+                             detail::shape_of(target));                        \
+    return name(first.data(), target.data(), detail::shape_of(first),          \
+                options);                                                      \
+  }                                                                            \
+  template <typename ProbsMap, typename TargetMap, typename GradMap,           \
+            typename = std::enable_if_t<                                       \
+                detail::is_loss_tensor_map<ProbsMap>::value &&                 \
+                detail::is_loss_tensor_map<TargetMap>::value &&                \
+                detail::is_loss_tensor_map<GradMap>::value>>                   \
+  double name##_grad(const ProbsMap& first, const TargetMap& target,           \
+                     GradMap& grad, const LossOptions& options = {}) {         \
+    detail::check_same_shape(#name "_grad", "target", detail::shape_of(first), \
+                             detail::shape_of(target));                        \
+    detail::check_same_shape(#name "_grad", "gradient",                        \
+                             detail::shape_of(first), detail::shape_of(grad)); \
+    return name##_grad(first.data(), target.data(), grad.data(),               \
+                       detail::shape_of(first), options);                      \
   }
 
 namespace detail {
@@ -192,37 +186,37 @@ QRLOSS_TENSOR_MAP_OVERLOADS_(rq_loss)
 
 // The logits variants are named qr_loss_from_logits / ..._grad_from_logits,
 // so they get their own pair of overloads.
-#define QRLOSS_TENSOR_MAP_LOGITS_OVERLOADS_(prefix)                           \
-  template <typename LogitsMap, typename TargetMap,                           \
-            typename = std::enable_if_t<                                      \
-                detail::is_loss_tensor_map<LogitsMap>::value &&               \
-                detail::is_loss_tensor_map<TargetMap>::value>>                \
-  double prefix##_from_logits(const LogitsMap& logits,                        \
-                              const TargetMap& target,                        \
-                              const LossOptions& options = {}) {              \
-    detail::check_same_shape(#prefix "_from_logits", "target",                \
-                             detail::shape_of(logits),                        \
-                             detail::shape_of(target));                       \
-    return prefix##_from_logits(logits.data(), target.data(),                 \
-                                detail::shape_of(logits), options);           \
-  }                                                                           \
-  template <typename LogitsMap, typename TargetMap, typename GradMap,         \
-            typename = std::enable_if_t<                                      \
-                detail::is_loss_tensor_map<LogitsMap>::value &&               \
-                detail::is_loss_tensor_map<TargetMap>::value &&               \
-                detail::is_loss_tensor_map<GradMap>::value>>                  \
-  double prefix##_grad_from_logits(const LogitsMap& logits,                   \
-                                   const TargetMap& target, GradMap& grad,    \
-                                   const LossOptions& options = {}) {         \
-    detail::check_same_shape(#prefix "_grad_from_logits", "target",           \
-                             detail::shape_of(logits),                        \
-                             detail::shape_of(target));                       \
-    detail::check_same_shape(#prefix "_grad_from_logits", "gradient",         \
-                             detail::shape_of(logits),                        \
-                             detail::shape_of(grad));                         \
-    return prefix##_grad_from_logits(logits.data(), target.data(),            \
-                                     grad.data(), detail::shape_of(logits),   \
-                                     options);                                \
+#define QRLOSS_TENSOR_MAP_LOGITS_OVERLOADS_(prefix)                         \
+  template <typename LogitsMap, typename TargetMap,                         \
+            typename = std::enable_if_t<                                    \
+                detail::is_loss_tensor_map<LogitsMap>::value &&             \
+                detail::is_loss_tensor_map<TargetMap>::value>>              \
+  double prefix##_from_logits(const LogitsMap& logits,                      \
+                              const TargetMap& target,                      \
+                              const LossOptions& options = {}) {            \
+    detail::check_same_shape(#prefix "_from_logits", "target",              \
+                             detail::shape_of(logits),                      \
+                             detail::shape_of(target));                     \
+    return prefix##_from_logits(logits.data(), target.data(),               \
+                                detail::shape_of(logits), options);         \
+  }                                                                         \
+  template <typename LogitsMap, typename TargetMap, typename GradMap,       \
+            typename = std::enable_if_t<                                    \
+                detail::is_loss_tensor_map<LogitsMap>::value &&             \
+                detail::is_loss_tensor_map<TargetMap>::value &&             \
+                detail::is_loss_tensor_map<GradMap>::value>>                \
+  double prefix##_grad_from_logits(const LogitsMap& logits,                 \
+                                   const TargetMap& target, GradMap& grad,  \
+                                   const LossOptions& options = {}) {       \
+    detail::check_same_shape(#prefix "_grad_from_logits", "target",         \
+                             detail::shape_of(logits),                      \
+                             detail::shape_of(target));                     \
+    detail::check_same_shape(#prefix "_grad_from_logits", "gradient",       \
+                             detail::shape_of(logits),                      \
+                             detail::shape_of(grad));                       \
+    return prefix##_grad_from_logits(logits.data(), target.data(),          \
+                                     grad.data(), detail::shape_of(logits), \
+                                     options);                              \
   }
 
 QRLOSS_TENSOR_MAP_LOGITS_OVERLOADS_(qr_loss)

@@ -2,9 +2,8 @@
 /// Softmax over the class axis and its vector-Jacobian product, used to
 /// chain dL/dq back to logits.
 
-#include <cstdint>
-
 #include <Eigen/Core>
+#include <cstdint>
 
 #include "qrloss/tensor.hpp"
 
@@ -29,8 +28,8 @@ void softmax(const T* logits, T* probs, const Shape& shape,
 /// @throws qrloss::invalid_argument on a bad shape, null or overlapping
 ///   buffers, or non-finite values in probs or dL_dq.
 template <typename T>
-void softmax_vjp(const T* probs, const T* dL_dq, T* dL_dx,
-                 const Shape& shape, int num_threads = 0);
+void softmax_vjp(const T* probs, const T* dL_dq, T* dL_dx, const Shape& shape,
+                 int num_threads = 0);
 
 /// Returns the C x C Jacobian of softmax at one pixel's logits.
 ///   J_q_x[i][j] = dq_i/dx_j = q_i * (delta_ij - q_j)           [eq. 6]

@@ -4,9 +4,8 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
-#include <vector>
-
 #include <unsupported/Eigen/CXX11/Tensor>
+#include <vector>
 
 namespace qrloss {
 
@@ -37,8 +36,7 @@ template <typename Map>
 struct is_loss_tensor_map<
     Map, std::void_t<typename Map::Scalar, decltype(Map::NumDimensions),
                      decltype(std::declval<const Map&>().data())>>
-    : std::bool_constant<(Map::NumDimensions == 2 ||
-                          Map::NumDimensions == 4) &&
+    : std::bool_constant<(Map::NumDimensions == 2 || Map::NumDimensions == 4) &&
                          (static_cast<int>(Map::Layout) ==
                           static_cast<int>(Eigen::RowMajor))> {};
 

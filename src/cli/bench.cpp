@@ -1,16 +1,14 @@
 // The `qrloss bench` subcommand: times the loss and gradient on synthetic
 // inputs against a STREAM-style triad floor and prints one JSON object.
 
+#include <CLI/CLI.hpp>
 #include <cstdint>
+#include <iostream>
 #include <memory>
+#include <new>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <iostream>
-#include <new>
-
-#include <CLI/CLI.hpp>
-#include <nlohmann/json.hpp>
 
 #include "bench_support.hpp"
 #include "commands.hpp"
@@ -93,31 +91,36 @@ void add_bench_command(CLI::App& app) {
       "bench", "Time the loss and its gradient on synthetic inputs.");
   bench->footer("");  // not the footer of the main command
 
-  bench->add_option("--loss", settings->loss,
-                    "Loss to time: qr (QR loss) or rq (RQ loss)")
+  bench
+      ->add_option("--loss", settings->loss,
+                   "Loss to time: qr (QR loss) or rq (RQ loss)")
       ->check(CLI::IsMember({"qr", "rq"}))
       ->capture_default_str();
   bench->add_flag("--from-logits", settings->from_logits,
                   "Time the logits entry points (softmax over C included) "
                   "instead of the probs entry points");
-  bench->add_option("--shape", settings->shape,
-                    "Input shape B,C,H,W (or B,C), comma-separated")
+  bench
+      ->add_option("--shape", settings->shape,
+                   "Input shape B,C,H,W (or B,C), comma-separated")
       ->delimiter(',')
       ->type_name("B,C,H,W")
       ->capture_default_str();
-  bench->add_option("--dtype", settings->dtype,
-                    "Element type of the synthetic inputs: float32 or "
-                    "float64")
+  bench
+      ->add_option("--dtype", settings->dtype,
+                   "Element type of the synthetic inputs: float32 or "
+                   "float64")
       ->check(CLI::IsMember({"float32", "float64"}))
       ->capture_default_str();
-  bench->add_option("--threads", settings->threads,
-                    "OpenMP threads; 0 uses the OpenMP default "
-                    "(OMP_NUM_THREADS, else one per core)")
+  bench
+      ->add_option("--threads", settings->threads,
+                   "OpenMP threads; 0 uses the OpenMP default "
+                   "(OMP_NUM_THREADS, else one per core)")
       ->type_name("N")
       ->check(int_at_least(0))
       ->capture_default_str();
-  bench->add_option("--repeat", settings->repeat,
-                    "Number of timed runs; the median is reported")
+  bench
+      ->add_option("--repeat", settings->repeat,
+                   "Number of timed runs; the median is reported")
       ->type_name("R")
       ->check(int_at_least(1))
       ->capture_default_str();

@@ -68,8 +68,8 @@ Buffers<T> make_buffers(const Shape& shape, bool from_logits, int threads) {
       const std::int64_t flat = (b * C + c) * P + p;
       const auto k = static_cast<std::uint64_t>(flat);
       const double q = (0.05 + uniform_at(3 * k)) / q_sum;
-      buffers.input[flat] = static_cast<T>(
-          from_logits ? 4.0 * uniform_at(3 * k + 2) - 2.0 : q);
+      buffers.input[flat] =
+          static_cast<T>(from_logits ? 4.0 * uniform_at(3 * k + 2) - 2.0 : q);
       buffers.target[flat] =
           static_cast<T>((0.05 + uniform_at(3 * k + 1)) / prior_sum);
       buffers.grad[flat] = T(0);
@@ -90,8 +90,7 @@ double run_kernel(const Workload& workload, Buffers<T>& buffers,
                                        workload.shape, options);
   }
   return compute_loss<T>(workload.kind, buffers.input.data(),
-                         buffers.target.data(), grad, workload.shape,
-                         options);
+                         buffers.target.data(), grad, workload.shape, options);
 }
 
 template <typename T>
@@ -134,9 +133,11 @@ Timing time_typed(const Workload& workload) {
   std::vector<double> kernel_s;
   std::vector<double> floor_s;
   for (int r = 0; r < workload.repeat; ++r) {
-    floor_s.push_back(seconds(
-        [&] { run_triad(buffers.grad, buffers.triad_b, buffers.triad_c, threads); }));
-    kernel_s.push_back(seconds([&] { run_kernel(workload, buffers, options); }));
+    floor_s.push_back(seconds([&] {
+      run_triad(buffers.grad, buffers.triad_b, buffers.triad_c, threads);
+    }));
+    kernel_s.push_back(
+        seconds([&] { run_kernel(workload, buffers, options); }));
   }
   const double elements = static_cast<double>(buffers.input.size());
   const double bytes = 3.0 * elements * sizeof(T);

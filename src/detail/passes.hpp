@@ -4,6 +4,7 @@
 
 #include <omp.h>
 
+#include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -11,8 +12,6 @@
 #include <string>
 #include <type_traits>
 #include <vector>
-
-#include <Eigen/Core>
 
 #include "qrloss/error.hpp"
 #include "qrloss/tensor.hpp"
@@ -61,8 +60,7 @@ Geometry make_geometry(const char* function, const char* tensor,
 void check_eps(const char* function, double eps);
 
 /// Throws if `data` is null.
-void check_not_null(const char* function, const char* tensor,
-                    const void* data);
+void check_not_null(const char* function, const char* tensor, const void* data);
 
 /// Throws if the byte ranges of `output` and `input` overlap.
 void check_no_overlap(const char* function, const char* output_name,
@@ -238,13 +236,12 @@ inline void scan_row(const T* row, Index length, ValueRule rule,
 template <typename T>
 [[noreturn]] void throw_bad_value(const char* function, const char* tensor,
                                   const T* data, Index flat,
-                                  const Geometry& geometry,
-                                  const Shape& shape);
+                                  const Geometry& geometry, const Shape& shape);
 
 /// Scans a whole tensor serially (used where no pass reads it first).
 template <typename T>
 void check_values(const char* function, const char* tensor, const T* data,
-                  const Geometry& geometry, const Shape& shape,
-                  ValueRule rule, int threads);
+                  const Geometry& geometry, const Shape& shape, ValueRule rule,
+                  int threads);
 
 }  // namespace qrloss::detail

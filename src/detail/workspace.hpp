@@ -2,9 +2,8 @@
 // Per-thread scratch for the tile kernels, allocated before the parallel
 // region so that no allocation (and no exception) happens inside it.
 
-#include <vector>
-
 #include <Eigen/Core>
+#include <vector>
 
 #include "detail/passes.hpp"
 
@@ -21,16 +20,16 @@ using AlignedVector = std::vector<T, Eigen::aligned_allocator<T>>;
 /// tile length, which is a multiple of 16 elements, so they stay aligned.
 template <typename T>
 struct Workspace {
-  AlignedVector<T> q;      // C x L: softmax of a logits tile
-  AlignedVector<T> grad;   // C x L: dL/dq of a tile before the softmax VJP
-  AlignedVector<T> a;      // C x L: RQ's dL/dr (or log k when eps = 0)
-  AlignedVector<T> r;      // C x L: RQ's r
-  AlignedVector<T> w;      // C x L: RQ's p / (s_c t)
-  AlignedVector<T> tmp1;   // L
-  AlignedVector<T> tmp2;   // L
-  AlignedVector<T> pixel;  // L: per-pixel value in T (max logit, 1 / t)
-  AlignedVector<double> sum;  // L: per-pixel sums in double
-  AlignedVector<double> abar; // L
+  AlignedVector<T> q;          // C x L: softmax of a logits tile
+  AlignedVector<T> grad;       // C x L: dL/dq of a tile before the softmax VJP
+  AlignedVector<T> a;          // C x L: RQ's dL/dr (or log k when eps = 0)
+  AlignedVector<T> r;          // C x L: RQ's r
+  AlignedVector<T> w;          // C x L: RQ's p / (s_c t)
+  AlignedVector<T> tmp1;       // L
+  AlignedVector<T> tmp2;       // L
+  AlignedVector<T> pixel;      // L: per-pixel value in T (max logit, 1 / t)
+  AlignedVector<double> sum;   // L: per-pixel sums in double
+  AlignedVector<double> abar;  // L
 };
 
 /// Which scratch a kernel needs.
