@@ -329,6 +329,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
       double* pixel_sum = space.sum.data();
       double* abar = space.abar.data();
       T* clamped_sum = space.pixel.data();
+      T* inv_t = space.pixel_inverse.data();
 
       // Per-pixel sum of u = q p / s_c, then its clamp.
       std::fill(pixel_sum, pixel_sum + n, 0.0);
@@ -344,8 +345,12 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           pixel_sum[i] += static_cast<double>(q[i] * p[i] * scale);
         }
       }
+      // w multiplies by 1/t; r divides u itself, so that a pixel with one
+      // nonzero u gets r = 1 exactly and its class terms cancel exactly.
       for (Index i = 0; i < n; ++i) {
-        clamped_sum[i] = static_cast<T>(std::max(pixel_sum[i], kPixelSumFloor));
+        const double t = std::max(pixel_sum[i], kPixelSumFloor);
+        clamped_sum[i] = static_cast<T>(t);
+        inv_t[i] = static_cast<T>(1.0 / t);
         abar[i] = 0.0;
       }
 
@@ -356,27 +361,28 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         T* w = space.w.data() + c * L;
         T* r = space.r.data() + c * L;
         T* a = space.a.data() + c * L;
+        T* q_share = space.q_share.data() + c * L;
         const T scale = inv_s_t[static_cast<std::size_t>(c)];
-        // r divides the same product u = q p / s_c that was summed, so a
-        // pixel with one nonzero u gets r = 1 exactly.
-        ArrayMap<T>(w, n) =
-            ConstArrayMap<T>(p, n) * scale / ConstArrayMap<T>(clamped_sum, n);
-        ArrayMap<T>(r, n) = ConstArrayMap<T>(q, n) * ConstArrayMap<T>(p, n) *
-                            scale / ConstArrayMap<T>(clamped_sum, n);
+        for (Index i = 0; i < n; ++i) {
+          w[i] = p[i] * scale * inv_t[i];
+          r[i] = q[i] * p[i] * scale / clamped_sum[i];
+        }
         T* term = space.tmp2.data();
         if (!eps_zero) {
           // log(r + eps) - log(q + eps) as one log of a ratio: half the
           // transcendental work, and no cancellation when r is close to q.
+          // 1 / (q + eps) serves the log and, in the gradient, q / (q + eps).
           T* log_ratio = space.tmp1.data();
+          for (Index i = 0; i < n; ++i) q_share[i] = T(1) / (q[i] + eps);
           ArrayMap<T>(log_ratio, n) =
-              ((ArrayMap<T>(r, n) + eps) / (ConstArrayMap<T>(q, n) + eps))
-                  .log();
+              ((ArrayMap<T>(r, n) + eps) * ArrayMap<T>(q_share, n)).log();
           for (Index i = 0; i < n; ++i) term[i] = r[i] * log_ratio[i];
           acc[0] += lane_sum(term, n);
           if (want_grad) {
             for (Index i = 0; i < n; ++i) {
               a[i] = log_ratio[i] + r[i] / (r[i] + eps);
               abar[i] += static_cast<double>(a[i] * r[i]);
+              q_share[i] *= q[i];
             }
           }
         } else {
@@ -404,18 +410,17 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
 
       // G_c partial sums and the per-pixel gradient part [eq. 4].
       for (Index c = 0; c < C; ++c) {
-        const T* q = probs.row(c);
         const T* w = space.w.data() + c * L;
         const T* r = space.r.data() + c * L;
         const T* a = space.a.data() + c * L;
+        const T* q_share = space.q_share.data() + c * L;
         T* out = kFromLogits ? space.grad.data() + c * L
                              : grad + geometry.offset(b, c, p0);
         T* term = space.tmp2.data();
         if (!eps_zero) {
           for (Index i = 0; i < n; ++i) term[i] = r[i] * (a[i] - abar_t[i]);
           for (Index i = 0; i < n; ++i) {
-            out[i] =
-                inv_pixels * w[i] * (a[i] - abar_t[i] - q[i] / (q[i] + eps));
+            out[i] = inv_pixels * w[i] * (a[i] - abar_t[i] - q_share[i]);
           }
         } else {
           for (Index i = 0; i < n; ++i) {

@@ -20,16 +20,18 @@ using AlignedVector = std::vector<T, Eigen::aligned_allocator<T>>;
 /// tile length, which is a multiple of 16 elements, so they stay aligned.
 template <typename T>
 struct Workspace {
-  AlignedVector<T> q;          // C x L: softmax of a logits tile
-  AlignedVector<T> grad;       // C x L: dL/dq of a tile before the softmax VJP
-  AlignedVector<T> a;          // C x L: RQ's dL/dr (or log k when eps = 0)
-  AlignedVector<T> r;          // C x L: RQ's r
-  AlignedVector<T> w;          // C x L: RQ's p / (s_c t)
-  AlignedVector<T> tmp1;       // L
-  AlignedVector<T> tmp2;       // L
-  AlignedVector<T> pixel;      // L: per-pixel value in T (max logit, 1 / t)
-  AlignedVector<double> sum;   // L: per-pixel sums in double
-  AlignedVector<double> abar;  // L
+  AlignedVector<T> q;        // C x L: softmax of a logits tile
+  AlignedVector<T> grad;     // C x L: dL/dq of a tile before the softmax VJP
+  AlignedVector<T> a;        // C x L: RQ's dL/dr (or log k when eps = 0)
+  AlignedVector<T> r;        // C x L: RQ's r
+  AlignedVector<T> w;        // C x L: RQ's p / (s_c t)
+  AlignedVector<T> q_share;  // C x L: RQ 1 / (q + eps), then q / (q + eps)
+  AlignedVector<T> tmp1;     // L
+  AlignedVector<T> tmp2;     // L
+  AlignedVector<T> pixel;    // L: per-pixel value in T (max logit, 1 / t)
+  AlignedVector<T> pixel_inverse;  // L: 1 / (per-pixel value)
+  AlignedVector<double> sum;       // L: per-pixel sums in double
+  AlignedVector<double> abar;      // L
 };
 
 /// Which scratch a kernel needs.
@@ -52,10 +54,12 @@ std::vector<Workspace<T>> make_workspaces(int threads, Index C, Index L,
       space.a.resize(rows);
       space.r.resize(rows);
       space.w.resize(rows);
+      space.q_share.resize(rows);
     }
     space.tmp1.resize(line);
     space.tmp2.resize(line);
     space.pixel.resize(line);
+    space.pixel_inverse.resize(line);
     space.sum.resize(line);
     space.abar.resize(line);
   }
