@@ -213,6 +213,14 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
   }
   raise_if_nan(call, loss, "the loss");
   if (grad == nullptr) return loss;
+  if (kFromLogits && std::isinf(loss)) {
+    // Every q = softmax(x) is > 0, so the loss is +inf on a whole
+    // neighbourhood of x and has no gradient; eq. 7 would give inf - inf.
+    throw invalid_argument(
+        std::string(function) +
+        ": infinite loss: target is 0 where probs > 0 and eps = 0, so the "
+        "gradient with respect to logits is undefined; use eps > 0");
+  }
 
   // Pass 2: dL/dq = (1/N) (h_c - log(p + eps)) [eq. 2], chained to the
   // logits per tile when the input is logits [eq. 7].

@@ -115,6 +115,9 @@ double qr_loss_from_logits(const T* logits, const T* target, const Shape& shape,
 /// Computes the QR loss of q = softmax(logits) and writes dL/dx into dL_dx.
 ///   dL/dx_c = q_c * (g_c - sum_k g_k q_k),  g = dL/dq of eq. 2  [eq. 7]
 /// The softmax is recomputed in each pass; no probs buffer is needed.
+/// With eps = 0 and a zero in target the loss is +inf for every x, so the
+/// gradient is undefined and an invalid_argument ("infinite loss") is
+/// thrown; qr_loss_from_logits still returns the +inf loss.
 template <typename T>
 double qr_loss_grad_from_logits(const T* logits, const T* target, T* dL_dx,
                                 const Shape& shape,
