@@ -1,0 +1,312 @@
+// Tests of check_gradient: it passes an exact gradient, fails a gradient
+// that is off at one entry and names that entry, handles NaN, honours
+// explicit indices, sampling and the step rule, and rejects bad input.
+
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "qrloss/qrloss.hpp"
+#include "test_support.hpp"
+
+using qrloss::GradientCheckOptions;
+using qrloss::GradientCheckReport;
+using qrloss::Shape;
+namespace testing = qrloss::testing;
+
+namespace {
+
+/// f(x) = sum_i sin(x_i) * x_{i+1}: every entry couples to its neighbours,
+/// so a gradient with swapped or shifted entries fails.
+double chain_function(const Eigen::VectorXd& x) {
+  double sum = 0.0;
+  for (Eigen::Index i = 0; i + 1 < x.size(); ++i) {
+    sum += std::sin(x[i]) * x[i + 1];
+  }
+  return sum;
+}
+
+/// df/dx_k = cos(x_k) x_{k+1} + sin(x_{k-1}), where the terms exist.
+Eigen::VectorXd chain_gradient(const Eigen::VectorXd& x) {
+  const Eigen::Index n = x.size();
+  Eigen::VectorXd grad = Eigen::VectorXd::Zero(n);
+  for (Eigen::Index k = 0; k < n; ++k) {
+    if (k + 1 < n) grad[k] += std::cos(x[k]) * x[k + 1];
+    if (k > 0) grad[k] += std::sin(x[k - 1]);
+  }
+  return grad;
+}
+
+/// Random normal point of size n.
+Eigen::VectorXd random_point(std::int64_t n, std::uint64_t seed) {
+  const std::vector<double> values =
+      testing::random_logits<double>(Shape{1, n}, seed, 1.0);
+  return Eigen::Map<const Eigen::VectorXd>(values.data(),
+                                           static_cast<Eigen::Index>(n));
+}
+
+bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+
+}  // namespace
+
+TEST_SUITE("gradcheck") {
+  TEST_CASE("exact gradient passes") {
+    const std::uint64_t seed = 500;
+    CAPTURE(seed);
+    const Eigen::VectorXd x = random_point(120, seed);
+    GradientCheckOptions options;
+    options.shape = {2, 5, 3, 4};
+    const GradientCheckReport report =
+        qrloss::check_gradient(chain_function, x, chain_gradient(x), options);
+    INFO(report.summary());
+    CHECK(report.passed);
+    CHECK(report.num_checked == 120);
+    CHECK(report.num_failed == 0);
+    CHECK(report.max_abs_error < 1e-9);
+    CHECK(report.worst_index >= 0);
+    CHECK(report.worst_index < 120);
+    CHECK(contains(report.summary(), "gradient check passed"));
+    CHECK_FALSE(contains(report.summary(), "FAILED"));
+  }
+
+  TEST_CASE("atol follows numeric scale") {
+    // atol = atol_scale * max(1, max |numeric|): f = 50 * sum x_i^2 at
+    // x_i = 1 has numeric gradient 100 everywhere.
+    const Eigen::VectorXd x = Eigen::VectorXd::Ones(6);
+    const auto f = [](const Eigen::VectorXd& point) {
+      return 50.0 * point.squaredNorm();
+    };
+    const GradientCheckReport report = qrloss::check_gradient(
+        f, x, Eigen::VectorXd::Constant(6, 100.0));
+    INFO(report.summary());
+    CHECK(report.passed);
+    CHECK(report.atol == doctest::Approx(100.0 * 1e-9).epsilon(1e-6));
+
+    const GradientCheckReport small = qrloss::check_gradient(
+        [](const Eigen::VectorXd& point) { return 1e-3 * point.sum(); }, x,
+        Eigen::VectorXd::Constant(6, 1e-3));
+    CHECK(small.atol == 1e-9);
+  }
+
+  TEST_CASE("gradient off at one index fails") {
+    const std::uint64_t seed = 510;
+    CAPTURE(seed);
+    const Eigen::VectorXd x = random_point(120, seed);
+    Eigen::VectorXd analytic = chain_gradient(x);
+    analytic[7] += 1e-4;
+    GradientCheckOptions options;
+    options.shape = {2, 5, 3, 4};
+    const GradientCheckReport report =
+        qrloss::check_gradient(chain_function, x, analytic, options);
+    INFO(report.summary());
+    CHECK_FALSE(report.passed);
+    CHECK(report.num_checked == 120);
+    CHECK(report.num_failed == 1);
+    CHECK(report.worst_index == 7);
+    CHECK(report.max_abs_index == 7);
+    // Flat index 7 of {2,5,3,4} is b=0, c=0, pixel 7 = (h=1, w=3).
+    CHECK(report.worst_position == "(b=0,c=0,h=1,w=3)");
+    CHECK(report.worst_analytic == analytic[7]);
+    CHECK(report.worst_analytic - report.worst_numeric ==
+          doctest::Approx(1e-4).epsilon(1e-4));
+    CHECK(report.max_abs_error == doctest::Approx(1e-4).epsilon(1e-4));
+    CHECK(contains(report.summary(), "FAILED"));
+    CHECK(contains(report.summary(), "(b=0,c=0,h=1,w=3)"));
+  }
+
+  TEST_CASE("worst position by rank") {
+    const Eigen::VectorXd x = random_point(120, 520);
+    Eigen::VectorXd analytic = chain_gradient(x);
+    analytic[7] += 1e-4;
+
+    GradientCheckOptions rank2;
+    rank2.shape = {8, 15};
+    CHECK(qrloss::check_gradient(chain_function, x, analytic, rank2)
+              .worst_position == "(b=0,c=7)");
+
+    // Without a shape the flat index is printed.
+    const GradientCheckReport no_shape =
+        qrloss::check_gradient(chain_function, x, analytic);
+    CHECK(no_shape.worst_position == "[7]");
+    CHECK(contains(no_shape.summary(), "[7]"));
+  }
+
+  TEST_CASE("error within tolerance passes") {
+    // An error of 0.1 * rtol relative to the entry passes, and 10 * rtol
+    // fails.
+    const Eigen::VectorXd x = random_point(40, 530);
+    const Eigen::VectorXd exact = chain_gradient(x);
+    Eigen::VectorXd analytic = exact;
+    analytic[5] += 1e-7 * std::abs(exact[5]);
+    CHECK(qrloss::check_gradient(chain_function, x, analytic).passed);
+    analytic[5] = exact[5] + 1e-5 * std::abs(exact[5]);
+    const GradientCheckReport report =
+        qrloss::check_gradient(chain_function, x, analytic);
+    CHECK_FALSE(report.passed);
+    CHECK(report.worst_index == 5);
+  }
+
+  TEST_CASE("nan analytic fails") {
+    const Eigen::VectorXd x = random_point(30, 540);
+    Eigen::VectorXd analytic = chain_gradient(x);
+    analytic[11] = std::numeric_limits<double>::quiet_NaN();
+    const GradientCheckReport report =
+        qrloss::check_gradient(chain_function, x, analytic);
+    INFO(report.summary());
+    CHECK_FALSE(report.passed);
+    CHECK(report.num_failed == 1);
+    CHECK(report.worst_index == 11);
+    CHECK(report.max_abs_index == 11);
+    CHECK(std::isnan(report.max_abs_error));
+    CHECK(contains(report.summary(), "FAILED"));
+  }
+
+  TEST_CASE("explicit indices checked") {
+    const Eigen::VectorXd x = random_point(120, 550);
+    Eigen::VectorXd analytic = chain_gradient(x);
+    analytic[7] += 1e-4;
+    int calls = 0;
+    const auto counted = [&](const Eigen::VectorXd& point) {
+      ++calls;
+      return chain_function(point);
+    };
+
+    GradientCheckOptions options;
+    options.indices = {3, 10, 50};
+    const GradientCheckReport skip_bad =
+        qrloss::check_gradient(counted, x, analytic, options);
+    CHECK(skip_bad.passed);
+    CHECK(skip_bad.num_checked == 3);
+    CHECK(calls == 6);
+
+    options.indices = {50, 7, 3};
+    const GradientCheckReport hit_bad =
+        qrloss::check_gradient(counted, x, analytic, options);
+    CHECK_FALSE(hit_bad.passed);
+    CHECK(hit_bad.num_checked == 3);
+    CHECK(hit_bad.worst_index == 7);
+  }
+
+  TEST_CASE("sampling with max_elements") {
+    const Eigen::VectorXd x = random_point(120, 560);
+    const Eigen::VectorXd analytic = chain_gradient(x);
+    int calls = 0;
+    const auto counted = [&](const Eigen::VectorXd& point) {
+      ++calls;
+      return chain_function(point);
+    };
+
+    GradientCheckOptions options;
+    options.max_elements = 16;
+    options.seed = 5;
+    const GradientCheckReport first =
+        qrloss::check_gradient(counted, x, analytic, options);
+    CHECK(first.passed);
+    CHECK(first.num_checked > 0);
+    CHECK(first.num_checked <= 16);
+    CHECK(calls == 2 * first.num_checked);
+
+    // The same seed draws the same indices.
+    const GradientCheckReport again =
+        qrloss::check_gradient(chain_function, x, analytic, options);
+    CHECK(again.num_checked == first.num_checked);
+    CHECK(again.worst_index == first.worst_index);
+    CHECK(again.max_abs_error == first.max_abs_error);
+
+    // At most max_elements entries: all are checked.
+    options.max_elements = 120;
+    CHECK(qrloss::check_gradient(chain_function, x, analytic, options)
+              .num_checked == 120);
+  }
+
+  TEST_CASE("step scales with entry") {
+    // h = step_scale * max(1, |x|). For f = x^3 the central difference is
+    // 3 x^2 + h^2 exactly, so the numeric value shows the step: at x = 10
+    // with step_scale 1e-2, h = 0.1 and numeric = 300.01.
+    const auto cube = [](const Eigen::VectorXd& point) {
+      return point[0] * point[0] * point[0];
+    };
+    GradientCheckOptions options;
+    options.step_scale = 1e-2;
+    const GradientCheckReport report = qrloss::check_gradient(
+        cube, Eigen::VectorXd::Constant(1, 10.0),
+        Eigen::VectorXd::Constant(1, 300.0), options);
+    CHECK(report.worst_numeric == doctest::Approx(300.01).epsilon(1e-10));
+
+    // Below |x| = 1 the step is step_scale itself: h = 0.01 at x = 0.5.
+    const GradientCheckReport small = qrloss::check_gradient(
+        cube, Eigen::VectorXd::Constant(1, 0.5),
+        Eigen::VectorXd::Constant(1, 0.75), options);
+    CHECK(small.worst_numeric == doctest::Approx(0.7501).epsilon(1e-10));
+  }
+
+  TEST_CASE("f sees one perturbed entry") {
+    // f gets a copy of x with exactly one entry moved, and x itself is left
+    // unchanged.
+    const Eigen::VectorXd x = random_point(20, 570);
+    const Eigen::VectorXd x_copy = x;
+    int bad_calls = 0;
+    const auto probe = [&](const Eigen::VectorXd& point) {
+      if ((point.array() != x_copy.array()).count() != 1) ++bad_calls;
+      return chain_function(point);
+    };
+    qrloss::check_gradient(probe, x, chain_gradient(x));
+    CHECK(bad_calls == 0);
+    CHECK(x == x_copy);
+  }
+
+  TEST_CASE("bad input rejected") {
+    const Eigen::VectorXd x = random_point(10, 580);
+    const Eigen::VectorXd analytic = chain_gradient(x);
+
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::check_gradient(chain_function, x, analytic.head(9));
+        },
+        "check_gradient: shape mismatch: expected analytic of size 10, got "
+        "9");
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::check_gradient(chain_function, Eigen::VectorXd(),
+                                 Eigen::VectorXd());
+        },
+        "check_gradient: empty tensor: x has size 0");
+
+    for (std::int64_t bad_index : {std::int64_t{-1}, std::int64_t{10}}) {
+      CAPTURE(bad_index);
+      GradientCheckOptions options;
+      options.indices = {2, bad_index};
+      testing::check_invalid_argument(
+          [&] { qrloss::check_gradient(chain_function, x, analytic, options); },
+          "check_gradient: index out of range: " +
+              std::to_string(bad_index) + " for x of size 10");
+    }
+
+    // f becomes NaN or infinite once x_2 moves up.
+    const double base = x[2];
+    for (double bad_value : {std::numeric_limits<double>::quiet_NaN(),
+                             std::numeric_limits<double>::infinity()}) {
+      CAPTURE(bad_value);
+      const auto broken = [&](const Eigen::VectorXd& point) {
+        return point[2] > base ? bad_value : chain_function(point);
+      };
+      testing::check_invalid_argument(
+          [&] { qrloss::check_gradient(broken, x, analytic); },
+          "check_gradient: non-finite result: f is not finite at [2]");
+      GradientCheckOptions with_shape;
+      with_shape.shape = {1, 2, 1, 5};
+      testing::check_invalid_argument(
+          [&] { qrloss::check_gradient(broken, x, analytic, with_shape); },
+          "check_gradient: non-finite result: f is not finite at "
+          "(b=0,c=0,h=0,w=2)");
+    }
+  }
+}
