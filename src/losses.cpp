@@ -11,6 +11,7 @@
 
 #include "detail/passes.hpp"
 #include "detail/softmax_tile.hpp"
+#include "detail/vmath.hpp"
 #include "detail/workspace.hpp"
 #include "qrloss/error.hpp"
 
@@ -182,7 +183,8 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
           scan_row(p, n, ValueRule::kNonNegative, offset, chunk, bad_target);
         }
         acc[c] += lane_sum(q, n);
-        ArrayMap<T>(log_p, n) = (ConstArrayMap<T>(p, n) + eps).log();
+        for (Index i = 0; i < n; ++i) log_p[i] = p[i] + eps;
+        log_in_place(log_p, n);
         if (eps_zero) {
           // 0 * log(0) counts as 0; with eps > 0 the log is finite anyway.
           for (Index i = 0; i < n; ++i) {
@@ -240,7 +242,8 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
         const T* p = target + offset;
         T* out = kFromLogits ? space.grad.data() + c * L : grad + offset;
         const T h = class_term[static_cast<std::size_t>(c)];
-        ArrayMap<T>(log_p, n) = (ConstArrayMap<T>(p, n) + eps).log();
+        for (Index i = 0; i < n; ++i) log_p[i] = p[i] + eps;
+        log_in_place(log_p, n);
         if (eps_zero) {
           // With eps = 0 the loss is +inf for any q > 0 where p = 0.
           for (Index i = 0; i < n; ++i) {
@@ -382,8 +385,10 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           // 1 / (q + eps) serves the log and, in the gradient, q / (q + eps).
           T* log_ratio = space.tmp1.data();
           for (Index i = 0; i < n; ++i) q_share[i] = T(1) / (q[i] + eps);
-          ArrayMap<T>(log_ratio, n) =
-              ((ArrayMap<T>(r, n) + eps) * ArrayMap<T>(q_share, n)).log();
+          for (Index i = 0; i < n; ++i) {
+            log_ratio[i] = (r[i] + eps) * q_share[i];
+          }
+          log_in_place(log_ratio, n);
           for (Index i = 0; i < n; ++i) term[i] = r[i] * log_ratio[i];
           acc[0] += lane_sum(term, n);
           if (want_grad) {
@@ -396,7 +401,8 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         } else {
           // With eps = 0, r log(r / q) = r log k with k = w, which stays
           // finite as q -> 0; `a` holds log k here.
-          ArrayMap<T>(a, n) = ArrayMap<T>(w, n).log();
+          std::copy(w, w + n, a);
+          log_in_place(a, n);
           for (Index i = 0; i < n; ++i) {
             term[i] = r[i] > T(0) ? r[i] * a[i] : T(0);
           }

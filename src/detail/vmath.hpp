@@ -1,0 +1,84 @@
+#pragma once
+// Vectorised log and exp over arrays, through SLEEF (libsleef-dev).
+//
+// SLEEF rather than Eigen's packet math: on the machine in
+// docs/performance.md, Eigen 3.4's float log took 0.85 ns per element with
+// AVX-512 and SLEEF's 3.5-ulp log 0.21 ns, and log dominates the losses.
+// Every element, the tail included, goes through the same packet function
+// (the tail is padded), so a value never depends on its position.
+// Accuracy: log within 3.5 ulp, exp within 1.0 ulp, in float and double;
+// both return exact 0, subnormals and infinities where std:: does.
+
+#include <immintrin.h>
+#include <sleef.h>
+
+#include <algorithm>
+
+#include "detail/passes.hpp"
+
+namespace qrloss::detail {
+
+#if defined(__AVX512F__)
+inline __m512 vlog_packet(__m512 x) { return Sleef_logf16_u35avx512f(x); }
+inline __m512 vexp_packet(__m512 x) { return Sleef_expf16_u10avx512f(x); }
+inline __m512d vlog_packet(__m512d x) { return Sleef_logd8_u35avx512f(x); }
+inline __m512d vexp_packet(__m512d x) { return Sleef_expd8_u10avx512f(x); }
+inline __m512 vload(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512d vload(const double* p) { return _mm512_loadu_pd(p); }
+inline void vstore(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline void vstore(double* p, __m512d x) { _mm512_storeu_pd(p, x); }
+inline constexpr Index kVectorBytes = 64;
+#elif defined(__AVX2__)
+inline __m256 vlog_packet(__m256 x) { return Sleef_logf8_u35avx2(x); }
+inline __m256 vexp_packet(__m256 x) { return Sleef_expf8_u10avx2(x); }
+inline __m256d vlog_packet(__m256d x) { return Sleef_logd4_u35avx2(x); }
+inline __m256d vexp_packet(__m256d x) { return Sleef_expd4_u10avx2(x); }
+inline __m256 vload(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256d vload(const double* p) { return _mm256_loadu_pd(p); }
+inline void vstore(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
+inline void vstore(double* p, __m256d x) { _mm256_storeu_pd(p, x); }
+inline constexpr Index kVectorBytes = 32;
+#else
+// The baseline build calls SLEEF's dispatchers, which pick SSE2, SSE4.1 or
+// 128-bit AVX2 code at run time.
+inline __m128 vlog_packet(__m128 x) { return Sleef_logf4_u35(x); }
+inline __m128 vexp_packet(__m128 x) { return Sleef_expf4_u10(x); }
+inline __m128d vlog_packet(__m128d x) { return Sleef_logd2_u35(x); }
+inline __m128d vexp_packet(__m128d x) { return Sleef_expd2_u10(x); }
+inline __m128 vload(const float* p) { return _mm_loadu_ps(p); }
+inline __m128d vload(const double* p) { return _mm_loadu_pd(p); }
+inline void vstore(float* p, __m128 x) { _mm_storeu_ps(p, x); }
+inline void vstore(double* p, __m128d x) { _mm_storeu_pd(p, x); }
+inline constexpr Index kVectorBytes = 16;
+#endif
+
+/// Applies `packet_fn` to x[0, n) in place, in packets; the tail is padded
+/// with `pad` and computed as one more packet.
+template <typename T, typename PacketFn>
+inline void apply_packets(T* x, Index n, T pad, PacketFn packet_fn) {
+  constexpr Index kWidth = kVectorBytes / static_cast<Index>(sizeof(T));
+  Index i = 0;
+  for (; i + kWidth <= n; i += kWidth) {
+    vstore(x + i, packet_fn(vload(x + i)));
+  }
+  if (i == n) return;
+  alignas(64) T tail[kWidth];
+  std::fill(tail, tail + kWidth, pad);
+  std::copy(x + i, x + n, tail);
+  vstore(tail, packet_fn(vload(tail)));
+  std::copy(tail, tail + (n - i), x + i);
+}
+
+/// x[i] = log(x[i]) for i < n.
+template <typename T>
+inline void log_in_place(T* x, Index n) {
+  apply_packets(x, n, T(1), [](auto v) { return vlog_packet(v); });
+}
+
+/// x[i] = exp(x[i]) for i < n.
+template <typename T>
+inline void exp_in_place(T* x, Index n) {
+  apply_packets(x, n, T(0), [](auto v) { return vexp_packet(v); });
+}
+
+}  // namespace qrloss::detail
