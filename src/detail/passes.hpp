@@ -96,7 +96,7 @@ inline ChunkPlan plan_chunks(Index num_pixels) {
 /// Pixels per tile: a tile holds all C classes of its pixels in L1/L2-sized
 /// scratch. Depends only on C, so per-pixel results never depend on threads.
 inline Index tile_pixels(Index C) {
-  constexpr Index kTileElements = 8192;
+  constexpr Index kTileElements = 2048;
   constexpr Index kMinTile = 16;
   constexpr Index kMaxTile = 1024;
   Index tile = std::clamp<Index>(kTileElements / C, kMinTile, kMaxTile);
