@@ -140,6 +140,25 @@ void raise_if_nan(const CallSetup& call, double value, const char* what) {
                          "rescale probs and target");
 }
 
+/// Writes the gradient rows of a tile, computed in the thread's scratch, to
+/// the caller's buffer; from logits, chains them through eq. 7 first. The
+/// rows go out with streaming stores: the gradient is not read again in
+/// this pass, and skipping the read-for-ownership saves a third of the
+/// write traffic.
+template <typename T, bool kFromLogits>
+void store_gradient_tile(const Geometry& geometry, const Rows<T>& probs,
+                         Workspace<T>& space, Index L, Index b, Index p0,
+                         Index n, T* grad) {
+  T* rows = space.grad.data();
+  if constexpr (kFromLogits) {
+    softmax_vjp_tile(probs.base, L, rows, L, rows, L, geometry.C, n,
+                     space.sum.data(), space.pixel.data());
+  }
+  for (Index c = 0; c < geometry.C; ++c) {
+    stream_store(grad + geometry.offset(b, c, p0), rows + c * L, n);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // QR
 // ---------------------------------------------------------------------------
@@ -158,7 +177,7 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
   const T eps = static_cast<T>(call.eps);
   WorkspaceNeeds needs;
   needs.softmax = kFromLogits;
-  needs.grad_tile = kFromLogits && grad != nullptr;
+  needs.grad_tile = grad != nullptr;
   std::vector<Workspace<T>> spaces =
       make_workspaces<T>(call.threads, C, L, needs);
 
@@ -240,7 +259,7 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
       for (Index c = 0; c < C; ++c) {
         const Index offset = geometry.offset(b, c, p0);
         const T* p = target + offset;
-        T* out = kFromLogits ? space.grad.data() + c * L : grad + offset;
+        T* out = space.grad.data() + c * L;
         const T h = class_term[static_cast<std::size_t>(c)];
         for (Index i = 0; i < n; ++i) log_p[i] = p[i] + eps;
         log_in_place(log_p, n);
@@ -253,12 +272,10 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
           for (Index i = 0; i < n; ++i) out[i] = h - inv_pixels * log_p[i];
         }
       }
-      if constexpr (kFromLogits) {
-        softmax_vjp_tile(probs.base, L, space.grad.data(), L,
-                         grad + geometry.offset(b, 0, p0), geometry.P, C, n,
-                         space.sum.data(), space.pixel.data());
-      }
+      store_gradient_tile<T, kFromLogits>(geometry, probs, space, L, b, p0, n,
+                                          grad);
     });
+    finish_streaming_stores();
   });
   return loss;
 }
@@ -282,7 +299,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   const T eps = static_cast<T>(call.eps);
   WorkspaceNeeds needs;
   needs.softmax = kFromLogits;
-  needs.grad_tile = kFromLogits && want_grad;
+  needs.grad_tile = want_grad;
   needs.rq_rows = true;
   std::vector<Workspace<T>> spaces =
       make_workspaces<T>(call.threads, C, L, needs);
@@ -428,8 +445,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         const T* r = space.r.data() + c * L;
         const T* a = space.a.data() + c * L;
         const T* q_share = space.q_share.data() + c * L;
-        T* out = kFromLogits ? space.grad.data() + c * L
-                             : grad + geometry.offset(b, c, p0);
+        T* out = space.grad.data() + c * L;
         T* term = space.tmp2.data();
         if (!eps_zero) {
           for (Index i = 0; i < n; ++i) term[i] = r[i] * (a[i] - abar_t[i]);
@@ -447,12 +463,10 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         }
         acc[1 + c] += lane_sum(term, n);
       }
-      if constexpr (kFromLogits) {
-        softmax_vjp_tile(probs.base, L, space.grad.data(), L,
-                         grad + geometry.offset(b, 0, p0), geometry.P, C, n,
-                         space.sum.data(), space.pixel.data());
-      }
+      store_gradient_tile<T, kFromLogits>(geometry, probs, space, L, b, p0, n,
+                                          grad);
     });
+    finish_streaming_stores();
   });
   raise_if_bad(call, "target", target, bad_target);
 

@@ -13,6 +13,7 @@
 #include <sleef.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #include "detail/passes.hpp"
 
@@ -51,6 +52,36 @@ inline void vstore(float* p, __m128 x) { _mm_storeu_ps(p, x); }
 inline void vstore(double* p, __m128d x) { _mm_storeu_pd(p, x); }
 inline constexpr Index kVectorBytes = 16;
 #endif
+
+#if defined(__AVX512F__)
+inline void vstream(float* p, __m512 x) { _mm512_stream_ps(p, x); }
+inline void vstream(double* p, __m512d x) { _mm512_stream_pd(p, x); }
+#elif defined(__AVX2__)
+inline void vstream(float* p, __m256 x) { _mm256_stream_ps(p, x); }
+inline void vstream(double* p, __m256d x) { _mm256_stream_pd(p, x); }
+#else
+inline void vstream(float* p, __m128 x) { _mm_stream_ps(p, x); }
+inline void vstream(double* p, __m128d x) { _mm_stream_pd(p, x); }
+#endif
+
+/// Copies src[0, n) to dst with non-temporal stores where dst is aligned
+/// to a vector and plain stores for the unaligned head and the tail. A
+/// thread must call finish_streaming_stores() before others read dst.
+template <typename T>
+inline void stream_store(T* dst, const T* src, Index n) {
+  constexpr Index kWidth = kVectorBytes / static_cast<Index>(sizeof(T));
+  Index i = 0;
+  while (i < n && reinterpret_cast<std::uintptr_t>(dst + i) % kVectorBytes) {
+    dst[i] = src[i];
+    ++i;
+  }
+  for (; i + kWidth <= n; i += kWidth) vstream(dst + i, vload(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+/// Orders this thread's streaming stores before its later stores, so that
+/// the barrier after a parallel region publishes them.
+inline void finish_streaming_stores() { _mm_sfence(); }
 
 /// Applies `packet_fn` to x[0, n) in place, in packets; the tail is padded
 /// with `pad` and computed as one more packet.
