@@ -22,6 +22,7 @@
 
 namespace fs = std::filesystem;
 namespace npy = qrloss::npy;
+namespace testing = qrloss::testing;
 
 namespace {
 
@@ -35,35 +36,6 @@ constexpr double kGradRtolFloat32 = 1e-5;
 // Exit status for bad usage or bad input, as documented by `qrloss --help`.
 constexpr int kExitUsage = 2;
 
-// A fresh directory under the system temp directory, removed with its
-// contents when the object goes out of scope.
-class TempDir {
- public:
-  TempDir() {
-    std::random_device device;
-    const fs::path base = fs::temp_directory_path();
-    for (int attempt = 0; attempt < 100; ++attempt) {
-      path_ = base / ("qrloss_test_cli_" + std::to_string(device()));
-      if (fs::create_directory(path_)) {
-        return;
-      }
-    }
-    FAIL("cannot create a temporary directory under " << base.string());
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-
-  std::string file(const std::string& name) const {
-    return (path_ / name).string();
-  }
-
- private:
-  fs::path path_;
-};
 
 std::string read_text(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -103,7 +75,7 @@ struct RunResult {
 };
 
 // Runs qrloss with `args`, capturing stdout and stderr in files of `dir`.
-RunResult run_qrloss(const TempDir& dir, const std::vector<std::string>& args) {
+RunResult run_qrloss(const testing::TempDir& dir, const std::vector<std::string>& args) {
   const std::string out_path = dir.file("stdout.txt");
   const std::string err_path = dir.file("stderr.txt");
   std::string command = shell_quote(qrloss_exe());
@@ -165,7 +137,7 @@ TEST_SUITE("cli") {
     REQUIRE(cases.is_array());
     REQUIRE(!cases.empty());
 
-    TempDir dir;
+    testing::TempDir dir("qrloss_test_cli_");
     const std::string grad_path = dir.file("grad.npy");
     int runs = 0;
     for (const nlohmann::json& test_case : cases) {
@@ -238,7 +210,7 @@ TEST_SUITE("cli") {
 
   TEST_CASE("eval output fields") {
     QRLOSS_REQUIRE_EXE_();
-    TempDir dir;
+    testing::TempDir dir("qrloss_test_cli_");
     const std::string probs = dir.file("probs.npy");
     const std::string target = dir.file("target.npy");
     const std::vector<float> probs_data = {0.2f, 0.3f, 0.5f, 0.6f, 0.3f, 0.1f};
@@ -277,7 +249,7 @@ TEST_SUITE("cli") {
 
   TEST_CASE("eval prints infinite loss as null") {
     QRLOSS_REQUIRE_EXE_();
-    TempDir dir;
+    testing::TempDir dir("qrloss_test_cli_");
     // With eps = 0, q > 0 where p = 0 makes the QR loss +inf.
     const std::vector<double> probs = {0.5, 0.5};
     const std::vector<double> target = {1.0, 0.0};
@@ -307,7 +279,7 @@ TEST_SUITE("cli") {
 
   TEST_CASE("eval is independent of thread count") {
     QRLOSS_REQUIRE_EXE_();
-    TempDir dir;
+    testing::TempDir dir("qrloss_test_cli_");
     const qrloss::Shape shape = {3, 4, 17, 9};
     const std::vector<double> logits =
         qrloss::testing::random_logits<double>(shape, 7);
@@ -338,7 +310,7 @@ TEST_SUITE("cli") {
 
   TEST_CASE("eval rejects bad input") {
     QRLOSS_REQUIRE_EXE_();
-    TempDir dir;
+    testing::TempDir dir("qrloss_test_cli_");
     const std::string probs = dir.file("probs.npy");
     const std::string target = dir.file("target.npy");
     const std::string target_wide = dir.file("target_wide.npy");
@@ -452,7 +424,7 @@ TEST_SUITE("cli") {
 
   TEST_CASE("eval keeps existing grad-out on error") {
     QRLOSS_REQUIRE_EXE_();
-    TempDir dir;
+    testing::TempDir dir("qrloss_test_cli_");
     const std::string probs = dir.file("probs.npy");
     const std::string target = dir.file("target_wide.npy");
     const std::string grad = dir.file("grad.npy");
@@ -480,7 +452,7 @@ TEST_SUITE("cli") {
 
   TEST_CASE("help lists every option") {
     QRLOSS_REQUIRE_EXE_();
-    TempDir dir;
+    testing::TempDir dir("qrloss_test_cli_");
 
     const RunResult top = run_qrloss(dir, {"--help"});
     CHECK(top.status == 0);
@@ -510,7 +482,7 @@ TEST_SUITE("cli") {
 
   TEST_CASE("version and usage errors") {
     QRLOSS_REQUIRE_EXE_();
-    TempDir dir;
+    testing::TempDir dir("qrloss_test_cli_");
 
     const RunResult version = run_qrloss(dir, {"--version"});
     CHECK(version.status == 0);

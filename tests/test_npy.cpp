@@ -14,50 +14,14 @@
 
 #include <doctest/doctest.h>
 
+#include "test_support.hpp"
+
 namespace fs = std::filesystem;
 namespace npy = qrloss::npy;
+namespace testing = qrloss::testing;
 
 namespace {
 
-// A fresh directory under the system temp directory, removed with its
-// contents when the object goes out of scope.
-class TempDir {
- public:
-  TempDir() {
-    std::random_device device;
-    const fs::path base = fs::temp_directory_path();
-    for (int attempt = 0; attempt < 100; ++attempt) {
-      path_ = base / ("qrloss_test_npy_" + std::to_string(device()));
-      if (fs::create_directory(path_)) {
-        return;
-      }
-    }
-    FAIL("cannot create a temporary directory under " << base.string());
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-
-  std::string file(const std::string& name) const {
-    return (path_ / name).string();
-  }
-  const fs::path& path() const { return path_; }
-
-  // Returns the names of all entries, to spot leftover temporary files.
-  std::vector<std::string> entries() const {
-    std::vector<std::string> names;
-    for (const auto& entry : fs::directory_iterator(path_)) {
-      names.push_back(entry.path().filename().string());
-    }
-    return names;
-  }
-
- private:
-  fs::path path_;
-};
 
 void write_bytes(const std::string& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
@@ -108,7 +72,7 @@ std::string header_for(const std::string& descr, const std::string& shape,
 
 // Writes `bytes` to a file in `dir` and checks that read() rejects it with
 // a format_error whose message contains `problem` and the path.
-void check_rejected(const TempDir& dir, const std::string& bytes,
+void check_rejected(const testing::TempDir& dir, const std::string& bytes,
                     const std::string& problem) {
   const std::string path = dir.file("hostile.npy");
   write_bytes(path, bytes);
@@ -162,7 +126,7 @@ TEST_SUITE("npy") {
   }
 
   TEST_CASE_TEMPLATE("round trip keeps values", T, float, double) {
-    TempDir dir;
+    testing::TempDir dir("qrloss_test_npy_");
     const std::vector<qrloss::Shape> shapes = {{3, 5}, {2, 5, 3, 4}, {1, 1},
                                                {4, 0}, {5},          {}};
     std::mt19937 generator(12345);
@@ -214,7 +178,7 @@ TEST_SUITE("npy") {
   }
 
   TEST_CASE("write formats the header like numpy") {
-    TempDir dir;
+    testing::TempDir dir("qrloss_test_npy_");
     const std::string path = dir.file("header.npy");
     const std::vector<double> values(2 * 4 * 10 * 10, 0.5);
     npy::write(path, values.data(), {2, 4, 10, 10});
@@ -232,7 +196,7 @@ TEST_SUITE("npy") {
   }
 
   TEST_CASE("write replaces file without leftovers") {
-    TempDir dir;
+    testing::TempDir dir("qrloss_test_npy_");
     const std::string path = dir.file("out.npy");
     const std::vector<double> first = {1.0, 2.0};
     const std::vector<double> second = {3.0, 4.0, 5.0};
@@ -245,7 +209,7 @@ TEST_SUITE("npy") {
   }
 
   TEST_CASE("write failure leaves no file") {
-    TempDir dir;
+    testing::TempDir dir("qrloss_test_npy_");
     const std::vector<float> values = {1.0f, 2.0f};
 
     SUBCASE("missing directory") {
@@ -269,7 +233,7 @@ TEST_SUITE("npy") {
   }
 
   TEST_CASE("write rejects bad arguments") {
-    TempDir dir;
+    testing::TempDir dir("qrloss_test_npy_");
     const std::string path = dir.file("out.npy");
     const std::vector<double> values(4, 1.0);
 
@@ -319,7 +283,7 @@ TEST_SUITE("npy") {
   }
 
   TEST_CASE("read accepts header variants") {
-    TempDir dir;
+    testing::TempDir dir("qrloss_test_npy_");
     const std::string path = dir.file("variant.npy");
     const std::vector<double> values = {1.5, -2.5, 3.25, 4.0, 0.0, 6.5};
     const std::string data = raw_bytes(values);
@@ -393,7 +357,7 @@ TEST_SUITE("npy") {
   }
 
   TEST_CASE("read reports missing or odd paths") {
-    TempDir dir;
+    testing::TempDir dir("qrloss_test_npy_");
     const std::string missing = dir.file("missing.npy");
     CHECK_THROWS_WITH_AS(npy::read(missing), doctest::Contains("cannot open"),
                          npy::io_error);
@@ -405,7 +369,7 @@ TEST_SUITE("npy") {
   }
 
   TEST_CASE("read rejects bad preamble") {
-    TempDir dir;
+    testing::TempDir dir("qrloss_test_npy_");
     const std::string data = raw_bytes(std::vector<double>{1.0, 2.0});
     const std::string header = header_for("<f8", "(2,)");
 
@@ -460,7 +424,7 @@ TEST_SUITE("npy") {
   }
 
   TEST_CASE("read rejects malformed header") {
-    TempDir dir;
+    testing::TempDir dir("qrloss_test_npy_");
     const std::string data = raw_bytes(std::vector<double>{1.0, 2.0});
 
     struct Case {
@@ -519,7 +483,7 @@ TEST_SUITE("npy") {
   }
 
   TEST_CASE("read rejects unsupported content") {
-    TempDir dir;
+    testing::TempDir dir("qrloss_test_npy_");
     const std::string data = raw_bytes(std::vector<double>{1.0, 2.0});
 
     SUBCASE("dtype") {
@@ -560,7 +524,7 @@ TEST_SUITE("npy") {
   }
 
   TEST_CASE("read rejects sizes that overflow") {
-    TempDir dir;
+    testing::TempDir dir("qrloss_test_npy_");
     const std::string data = raw_bytes(std::vector<double>{1.0, 2.0});
 
     // An extent above int64.
@@ -583,7 +547,7 @@ TEST_SUITE("npy") {
   }
 
   TEST_CASE("read rejects data of wrong size") {
-    TempDir dir;
+    testing::TempDir dir("qrloss_test_npy_");
     const std::string header = header_for("<f8", "(2, 3)");
     const std::string data = raw_bytes(std::vector<double>(6, 1.0));
 

@@ -236,4 +236,44 @@ void check_invalid_argument(Fn&& fn, const std::string& text) {
   CHECK(error.contains(text));
 }
 
+/// A fresh directory under the system temp directory, removed with its
+/// contents when the object goes out of scope.
+class TempDir {
+ public:
+  explicit TempDir(const std::string& prefix) {
+    std::random_device device;
+    const std::filesystem::path base = std::filesystem::temp_directory_path();
+    for (int attempt = 0; attempt < 100; ++attempt) {
+      path_ = base / (prefix + std::to_string(device()));
+      if (std::filesystem::create_directory(path_)) {
+        return;
+      }
+    }
+    FAIL("cannot create a temporary directory under " << base.string());
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+
+  std::string file(const std::string& name) const {
+    return (path_ / name).string();
+  }
+  const std::filesystem::path& path() const { return path_; }
+
+  /// Returns the names of all entries, to spot leftover temporary files.
+  std::vector<std::string> entries() const {
+    std::vector<std::string> names;
+    for (const auto& entry : std::filesystem::directory_iterator(path_)) {
+      names.push_back(entry.path().filename().string());
+    }
+    return names;
+  }
+
+ private:
+  std::filesystem::path path_;
+};
+
 }  // namespace qrloss::testing
