@@ -11,6 +11,7 @@
 #include <fstream>
 #include <iterator>
 #include <random>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -327,6 +328,22 @@ TEST_SUITE("cli") {
     write_filled(probs_rank3, {2, 3, 1}, 1.0 / 3.0);
     write_filled(probs_negative, {2, 3}, -0.5);
     write_filled(probs_empty, {0, 3}, 0.0);
+    const std::string probs_rank0 = dir.file("probs_rank0.npy");
+    const std::string probs_rank1 = dir.file("probs_rank1.npy");
+    const std::string probs_rank5 = dir.file("probs_rank5.npy");
+    const std::string probs_nan = dir.file("probs_nan.npy");
+    const std::string target_inf = dir.file("target_inf.npy");
+    const std::string logits_nan = dir.file("logits_nan.npy");
+    write_filled(probs_rank0, {}, 0.5);
+    write_filled(probs_rank1, {3}, 1.0 / 3.0);
+    write_filled(probs_rank5, {2, 3, 1, 1, 1}, 1.0 / 3.0);
+    const double kNaN = std::numeric_limits<double>::quiet_NaN();
+    const double kInf = std::numeric_limits<double>::infinity();
+    const std::vector<double> with_nan = {0.2, 0.3, 0.5, 0.2, kNaN, 0.5};
+    npy::write(probs_nan, with_nan.data(), {2, 3});
+    npy::write(logits_nan, with_nan.data(), {2, 3});
+    const std::vector<double> with_inf = {0.2, 0.3, 0.5, kInf, 0.3, 0.5};
+    npy::write(target_inf, with_inf.data(), {2, 3});
     const std::vector<float> target_f32_data(6, 1.0f / 3.0f);
     npy::write(target_f32, target_f32_data.data(), {2, 3});
     std::ofstream(not_npy) << "probs,target\n0.5,0.5\n";
@@ -352,6 +369,24 @@ TEST_SUITE("cli") {
         {"rank 3",
          {"--loss", "qr", "--probs", probs_rank3, "--target", probs_rank3},
          "unsupported rank"},
+        {"rank 0",
+         {"--loss", "qr", "--probs", probs_rank0, "--target", probs_rank0},
+         "unsupported rank"},
+        {"rank 1",
+         {"--loss", "rq", "--probs", probs_rank1, "--target", probs_rank1},
+         "unsupported rank"},
+        {"rank 5",
+         {"--loss", "qr", "--probs", probs_rank5, "--target", probs_rank5},
+         "unsupported rank"},
+        {"nan in probs",
+         {"--loss", "rq", "--probs", probs_nan, "--target", target},
+         "non-finite input: probs is nan at (b=1,c=1)"},
+        {"inf in target",
+         {"--loss", "qr", "--probs", probs, "--target", target_inf},
+         "non-finite input: target is inf at (b=1,c=0)"},
+        {"nan in logits",
+         {"--loss", "qr", "--logits", logits_nan, "--target", target},
+         "non-finite input: logits is nan at (b=1,c=1)"},
         {"negative probs",
          {"--loss", "qr", "--probs", probs_negative, "--target", target},
          "probs"},
@@ -419,6 +454,32 @@ TEST_SUITE("cli") {
       CHECK(run.err.find('\n') == run.err.size() - 1);
       CHECK_FALSE(fs::exists(grad));
       CHECK_FALSE(fs::exists(dir.file("no_such_dir")));
+    }
+  }
+
+  TEST_CASE("eval one class and 4096 classes") {
+    // Uniform probs equal to a uniform target make both losses 0: QR's two
+    // terms are the same log, and RQ's r equals q.
+    QRLOSS_REQUIRE_EXE_();
+    testing::TempDir dir("qrloss_test_cli_");
+    for (const qrloss::Shape& shape :
+         {qrloss::Shape{2, 1, 3, 3}, qrloss::Shape{1, 4096, 2, 2}}) {
+      CAPTURE(qrloss::format_shape(shape));
+      const std::string probs = dir.file("probs.npy");
+      const std::string grad = dir.file("grad.npy");
+      write_filled(probs, shape, 1.0 / static_cast<double>(shape[1]));
+      for (const char* loss : {"qr", "rq"}) {
+        CAPTURE(loss);
+        const RunResult run =
+            run_qrloss(dir, {"eval", "--loss", loss, "--probs", probs,
+                             "--target", probs, "--grad-out", grad});
+        INFO("stderr: " << run.err);
+        REQUIRE(run.status == 0);
+        const nlohmann::json output = nlohmann::json::parse(run.out);
+        CHECK(std::abs(output["loss"].get<double>()) <= 1e-9);
+        CHECK(output["shape"].get<qrloss::Shape>() == shape);
+        CHECK(npy::read(grad).shape == shape);
+      }
     }
   }
 
