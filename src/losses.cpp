@@ -220,10 +220,14 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
   raise_if_bad(call, "target", target, bad_target);
 
   const std::vector<double> totals = partial.total();
-  double loss = -call.inv_pixels * totals[static_cast<std::size_t>(C)];
+  ClassStats stats;
+  stats.sum_q.assign(totals.begin(), totals.begin() + C);
+  stats.num_pixels = static_cast<double>(geometry.num_pixels());
+  double loss = -totals[static_cast<std::size_t>(C)] / stats.num_pixels;
   std::vector<T> class_term(static_cast<std::size_t>(C));
   for (Index c = 0; c < C; ++c) {
-    const double qbar = totals[static_cast<std::size_t>(c)] * call.inv_pixels;
+    const double qbar =
+        stats.sum_q[static_cast<std::size_t>(c)] / stats.num_pixels;
     double h = std::log(call.eps);  // limit of h as qbar -> 0+ [eq. 2]
     if (qbar > 0.0) {
       loss += qbar * std::log(qbar + call.eps);
@@ -323,12 +327,14 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   });
   raise_if_bad(call, input_name, input, bad_input);
 
-  const std::vector<double> sums = class_sums.total();
+  ClassStats stats;
+  stats.sum_q = class_sums.total();
+  stats.num_pixels = static_cast<double>(geometry.num_pixels());
   std::vector<double> inv_s(static_cast<std::size_t>(C));
   std::vector<T> inv_s_t(static_cast<std::size_t>(C));
   std::vector<char> s_clamped(static_cast<std::size_t>(C));
   for (Index c = 0; c < C; ++c) {
-    const double S = sums[static_cast<std::size_t>(c)];
+    const double S = stats.sum_q[static_cast<std::size_t>(c)];
     if (eps_zero && S == 0.0) {
       throw invalid_argument(
           std::string(function) + ": undefined loss: class " +

@@ -167,6 +167,15 @@ class PartialSums {
   std::vector<double> values_;
 };
 
+/// Per-class statistics of a batch: the only values that a pixel's loss
+/// terms need from other pixels (QR's qbar_c = sum_q[c] / num_pixels, RQ's
+/// s_c = max(sum_q[c], eps)). They are plain sums, so shards of one batch
+/// can add them up (an all-reduce) and each then gets the whole-batch loss.
+struct ClassStats {
+  std::vector<double> sum_q;
+  double num_pixels = 0.0;
+};
+
 /// Which values an input may take.
 enum class ValueRule { kNonNegative, kFinite };
 
