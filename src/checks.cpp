@@ -41,6 +41,14 @@ std::string format_double(double value) {
   return out.str();
 }
 
+/// Formats a limit the way it is written in the source (1e-20, not
+/// 9.9999999999999995e-21).
+std::string format_bound(double value) {
+  std::ostringstream out;
+  out << value;
+  return out.str();
+}
+
 }  // namespace
 
 void check_same_shape(const char* function, const char* tensor,
@@ -103,10 +111,17 @@ Geometry make_geometry(const char* function, const char* tensor,
 }
 
 void check_eps(const char* function, double eps) {
-  if (std::isfinite(eps) && eps >= 0.0) return;
-  throw invalid_argument(std::string(function) +
-                         ": bad eps: expected finite and >= 0, got " +
-                         format_double(eps));
+  if (!(std::isfinite(eps) && eps >= 0.0)) {
+    throw invalid_argument(std::string(function) +
+                           ": bad eps: expected finite and >= 0, got " +
+                           format_double(eps));
+  }
+  if (eps != 0.0 && (eps < kMinPositiveEps || eps > kMaxEps)) {
+    throw invalid_argument(
+        std::string(function) + ": bad eps: expected 0 or a value in [" +
+        format_bound(kMinPositiveEps) + ", " + format_bound(kMaxEps) +
+        "], got " + format_double(eps));
+  }
 }
 
 void check_not_null(const char* function, const char* tensor,

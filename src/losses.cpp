@@ -137,7 +137,7 @@ void raise_if_nan(const CallSetup& call, double value, const char* what) {
                          ": non-finite result: " + what +
                          " is NaN although the inputs passed validation; "
                          "input magnitudes overflow the arithmetic, so "
-                         "rescale probs and target");
+                         "rescale probs and target (or use a larger eps)");
 }
 
 /// Writes the gradient rows of a tile, computed in the thread's scratch, to
@@ -403,15 +403,26 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         }
         T* term = space.tmp2.data();
         if (!eps_zero) {
-          // log(r + eps) - log(q + eps) as one log of a ratio: half the
-          // transcendental work, and no cancellation when r is close to q.
-          // 1 / (q + eps) serves the log and, in the gradient, q / (q + eps).
+          // log(r + eps) - log(q + eps) is taken as log1p(d) with
+          // d = (r - q) / (q + eps) where d >= -1/2, which is exactly 0 at
+          // r = q and keeps the difference when r and q are both far below
+          // eps; and as log((r + eps) / (q + eps)) where d < -1/2, where
+          // 1 + d would round to 0. Each element gets 0 from the other form
+          // (log1p(0) = log(1) = 0), so one sum merges them.
+          // 1 / (q + eps) also gives the gradient's q / (q + eps).
           T* log_ratio = space.tmp1.data();
-          for (Index i = 0; i < n; ++i) q_share[i] = T(1) / (q[i] + eps);
+          T* far_ratio = space.tmp2.data();
           for (Index i = 0; i < n; ++i) {
-            log_ratio[i] = (r[i] + eps) * q_share[i];
+            const T inverse = T(1) / (q[i] + eps);
+            const T d = (r[i] - q[i]) * inverse;
+            const bool near = d >= T(-0.5);
+            q_share[i] = inverse;
+            log_ratio[i] = near ? d : T(0);
+            far_ratio[i] = near ? T(1) : (r[i] + eps) * inverse;
           }
-          log_in_place(log_ratio, n);
+          log1p_in_place(log_ratio, n);
+          log_in_place(far_ratio, n);
+          for (Index i = 0; i < n; ++i) log_ratio[i] += far_ratio[i];
           for (Index i = 0; i < n; ++i) term[i] = r[i] * log_ratio[i];
           acc[0] += lane_sum(term, n);
           if (want_grad) {

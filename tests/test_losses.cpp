@@ -1577,6 +1577,69 @@ TEST_SUITE("losses") {
   // A.7 eps = 0
   // -------------------------------------------------------------------------
 
+  TEST_CASE("eps outside the supported range") {
+    // Float cannot hold eps below ~1e-45 or above ~3e38, and RQ's weight
+    // p / (s_c t) overflows for tiny eps, so such eps are rejected.
+    const Shape shape{1, 2, 1, 2};
+    const std::vector<double> probs = {0.5, 0.5, 0.5, 0.5};
+    for (double eps : {1e-21, 1e-300, 1e21, 1e300}) {
+      CAPTURE(eps);
+      LossOptions options;
+      options.eps = eps;
+      testing::check_invalid_argument(
+          [&] { qrloss::qr_loss(probs.data(), probs.data(), shape, options); },
+          "qr_loss: bad eps: expected 0 or a value in [1e-20, 1e+20], got");
+    }
+    for (double eps : {0.0, 1e-20, 1e20}) {
+      CAPTURE(eps);
+      LossOptions options;
+      options.eps = eps;
+      CHECK(std::isfinite(
+          qrloss::rq_loss(probs.data(), probs.data(), shape, options)));
+    }
+  }
+
+  TEST_CASE("rq float at clamped pixel matches double") {
+    // Found by fuzzing. Pixel 1 has q = 0 in class 0 and p = 0.5 elsewhere
+    // with q = 0, so its sum is clamped at 1e-12 and the weight p/(s t) is
+    // about 1e12: any rounding in log((r + eps)/(q + eps)) at r = q = 0 is
+    // multiplied by it. The second case has r and q far below eps, where
+    // the log of the rounded ratio loses the difference.
+    struct Case {
+      std::vector<double> probs;
+      std::vector<double> target;
+      double eps;
+    };
+    const std::vector<Case> cases = {
+        {{0.6, 0.0, 0.0, 0.0}, {0.5, 0.5, 0.5, 0.5}, 9e-4},
+        {{0.6, 5e-30, 0.4, 0.0}, {1.0, 1.0, 0.0, 0.0}, 1e-8},
+    };
+    const Shape shape{1, 2, 1, 2};
+    for (const Case& test : cases) {
+      CAPTURE(test.eps);
+      LossOptions options;
+      options.eps = test.eps;
+      const std::vector<float> probs32(test.probs.begin(), test.probs.end());
+      const std::vector<float> target32(test.target.begin(),
+                                        test.target.end());
+      const std::vector<double> probs64(probs32.begin(), probs32.end());
+      const std::vector<double> target64(target32.begin(), target32.end());
+      std::vector<float> grad32(4);
+      std::vector<double> grad64(4);
+      qrloss::rq_loss_grad(probs32.data(), target32.data(), grad32.data(),
+                           shape, options);
+      qrloss::rq_loss_grad(probs64.data(), target64.data(), grad64.data(),
+                           shape, options);
+      for (int i = 0; i < 4; ++i) {
+        CAPTURE(i);
+        CAPTURE(grad32[i]);
+        CAPTURE(grad64[i]);
+        CHECK(std::abs(double(grad32[i]) - grad64[i]) <=
+              1e-5 * testing::max_abs(grad64) + 1e-6);
+      }
+    }
+  }
+
   TEST_CASE_TEMPLATE("rq eps zero absent class logits", T, float, double) {
     // Class 1 sits 1e4 below the others, so softmax underflows to exactly 0
     // for it at every pixel and its class sum is 0.

@@ -11,7 +11,8 @@
 /// in chunk order.
 ///
 /// Shared rules of every function below:
-/// - eps must be finite and >= 0 (default 1e-8). 0 * log(0) counts as 0.
+/// - eps must be 0 or in [1e-20, 1e20] (default 1e-8). 0 * log(0) counts
+///   as 0.
 /// - probs and target must be finite and >= 0; logits must be finite. Rows of
 ///   target need not sum to 1 (they are used as given; see
 ///   validate_target).
@@ -39,12 +40,20 @@ namespace qrloss {
 /// Default eps added inside every log, as in the reference implementation.
 inline constexpr double kDefaultEps = 1e-8;
 
+/// Smallest and largest eps > 0 accepted. Outside this range float cannot
+/// hold eps (it would round to 0 or inf), and RQ's weight p / (s_c t) can
+/// overflow even in double: with s_c = eps and the pixel sum t clamped at
+/// 1e-12, 1 / (s_c t) is 1e32 at eps = 1e-20, leaving float a factor of
+/// 1e6 of headroom for p.
+inline constexpr double kMinPositiveEps = 1e-20;
+inline constexpr double kMaxEps = 1e20;
+
 /// Threshold below which RQ's per-pixel sum sum_c q*p/s_c is clamped.
 inline constexpr double kPixelSumFloor = 1e-12;
 
 /// Settings shared by all loss entry points.
 struct LossOptions {
-  /// Added inside every log; must be finite and >= 0.
+  /// Added inside every log; must be 0 or in [kMinPositiveEps, kMaxEps].
   double eps = kDefaultEps;
   /// Reject NaN, infinite and negative input values with an error naming the
   /// first bad index. When false, such values give unspecified results.
