@@ -434,7 +434,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           }
         } else {
           // With eps = 0, r log(r / q) = r log k with k = w, which stays
-          // finite as q -> 0; `a` holds log k here.
+          // finite as q -> 0; `a` stores log k here.
           std::copy(w, w + n, a);
           log_in_place(a, n);
           for (Index i = 0; i < n; ++i) {

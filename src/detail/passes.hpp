@@ -86,14 +86,14 @@ inline constexpr Index kMinChunkPixels = 2048;
 
 inline ChunkPlan plan_chunks(Index num_pixels) {
   ChunkPlan plan;
-  Index wanted = (num_pixels + kMinChunkPixels - 1) / kMinChunkPixels;
-  wanted = std::clamp<Index>(wanted, 1, kMaxChunks);
-  plan.chunk_pixels = (num_pixels + wanted - 1) / wanted;
+  Index chunks = (num_pixels + kMinChunkPixels - 1) / kMinChunkPixels;
+  chunks = std::clamp<Index>(chunks, 1, kMaxChunks);
+  plan.chunk_pixels = (num_pixels + chunks - 1) / chunks;
   plan.num_chunks = (num_pixels + plan.chunk_pixels - 1) / plan.chunk_pixels;
   return plan;
 }
 
-/// Pixels per tile: a tile holds all C classes of its pixels in scratch.
+/// Pixels per tile: a tile contains all C classes of its pixels in scratch.
 /// Depends only on C, so per-pixel results never depend on threads.
 inline Index tile_pixels(Index C) {
   // Preferred tile size: the per-class rows of a tile stay in L1.
