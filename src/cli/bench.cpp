@@ -34,6 +34,11 @@ struct BenchSettings {
 constexpr std::int64_t kMaxBenchElements = std::int64_t{1} << 31;
 
 void run_bench(const BenchSettings& settings) {
+  if (settings.shape.size() != 2 && settings.shape.size() != 4) {
+    fail_command("bench", kExitUsage,
+                 "invalid --shape: expected B,C or B,C,H,W, got " +
+                     qrloss::format_shape(settings.shape));
+  }
   std::int64_t elements = 1;
   for (std::int64_t extent : settings.shape) {
     if (extent <= 0 || elements > kMaxBenchElements / extent) {

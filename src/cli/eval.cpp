@@ -41,7 +41,8 @@ struct EvalResult {
   npy::DType dtype = npy::DType::kFloat64;
 };
 
-// Accepts text that strtod parses completely to a finite value >= 0; NaN
+// Accepts text that strtod parses completely to 0 or a value in
+// [kMinPositiveEps, kMaxEps], the range the library accepts; NaN
 // and inf are rejected here because they would pass a range check.
 std::string check_eps_text(const std::string& text) {
   const char* begin = text.c_str();
@@ -51,8 +52,10 @@ std::string check_eps_text(const std::string& text) {
   if (end == begin || *end != '\0') {
     return "expected a number, got '" + text + "'";
   }
-  if (!std::isfinite(value) || value < 0.0 || errno == ERANGE) {
-    return "expected a finite number >= 0, got '" + text + "'";
+  const bool in_range =
+      value == 0.0 || (value >= kMinPositiveEps && value <= kMaxEps);
+  if (!std::isfinite(value) || !in_range || errno == ERANGE) {
+    return "expected 0 or a number in [1e-20, 1e20], got '" + text + "'";
   }
   return {};
 }
@@ -269,7 +272,7 @@ void add_eval_command(CLI::App& app) {
       ->type_name("FILE");
 
   eval->add_option("--eps", settings->eps,
-                   "Constant added inside every log; a finite number >= 0. "
+                   "Constant added inside every log; 0 or a number in [1e-20, 1e20]. "
                    "0 is allowed but zero probabilities may then give inf")
       ->type_name("X")
       ->check(CLI::Validator(
