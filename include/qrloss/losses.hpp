@@ -23,10 +23,10 @@
 ///   derivative from q >= 0. Below a clamp (RQ's class sum s_c < eps, or a
 ///   pixel's sum < 1e-12) the clamped value has derivative 0.
 /// @throws qrloss::invalid_argument (derived from std::invalid_argument) on
-///   null data, rank other than 2 or 4, a zero or negative extent, an element
-///   count that overflows, shape mismatch, bad eps, overlapping buffers, or
-///   non-finite or negative input values (the message names the tensor and
-///   the first bad index).
+///   null data, rank other than 2 or 4, a zero or negative extent, an
+///   element count that overflows, shape mismatch, bad eps or overlapping
+///   buffers. It is also thrown for non-finite or negative input values,
+///   and then the message names the tensor and the first bad index.
 /// Derivations and the pass structure: docs/derivations.md.
 
 #include <cstdint>

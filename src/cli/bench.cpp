@@ -50,6 +50,7 @@ void run_bench(const BenchSettings& settings) {
     }
     elements *= extent;
   }
+
   bench::Workload workload;
   workload.kind = settings.loss == "qr" ? LossKind::kQR : LossKind::kRQ;
   workload.from_logits = settings.from_logits;
@@ -58,6 +59,7 @@ void run_bench(const BenchSettings& settings) {
   workload.float32 = settings.dtype == "float32";
   workload.threads = settings.threads;
   workload.repeat = settings.repeat;
+
   bench::Timing timing;
   try {
     timing = bench::time_workload(workload);
@@ -68,6 +70,7 @@ void run_bench(const BenchSettings& settings) {
                  "internal error: out of memory for shape " +
                      qrloss::format_shape(settings.shape));
   }
+
   nlohmann::ordered_json output;
   output["loss_name"] = settings.loss;
   output["input"] = settings.from_logits ? "logits" : "probs";

@@ -184,7 +184,7 @@ struct ClassStats {
   double num_pixels = 0.0;
 };
 
-/// Which values an input may take.
+/// Rule for the values an input may take.
 enum class ValueRule { kNonNegative, kFinite };
 
 /// First bad element found per chunk (-1 for none); the smallest over all
