@@ -48,16 +48,10 @@ void check_case(const fs::path& dir, const nlohmann::json& spec,
   CAPTURE(name);
   CAPTURE(loss_key);
 
-  const npy::Array input = npy::read((dir / input_file).string());
-  const npy::Array target = npy::read((dir / "target.npy").string());
-  const std::vector<T>& x = [&]() -> const std::vector<T>& {
-    if constexpr (std::is_same_v<T, float>) return input.f32;
-    else return input.f64;
-  }();
-  const std::vector<T>& p = [&]() -> const std::vector<T>& {
-    if constexpr (std::is_same_v<T, float>) return target.f32;
-    else return target.f64;
-  }();
+  npy::Array input = npy::read((dir / input_file).string());
+  npy::Array target = npy::read((dir / "target.npy").string());
+  const std::vector<T>& x = input.values<T>();
+  const std::vector<T>& p = target.values<T>();
   REQUIRE(input.shape == target.shape);
   const Shape shape = input.shape;
 

@@ -85,17 +85,6 @@ void check_rejected(const testing::TempDir& dir, const std::string& bytes,
 }
 
 template <typename T>
-std::vector<T>& data_of(npy::Array& array);
-template <>
-std::vector<float>& data_of<float>(npy::Array& array) {
-  return array.f32;
-}
-template <>
-std::vector<double>& data_of<double>(npy::Array& array) {
-  return array.f64;
-}
-
-template <typename T>
 npy::DType dtype_of();
 template <>
 npy::DType dtype_of<float>() {
@@ -152,7 +141,7 @@ TEST_SUITE("npy") {
       CHECK(array.dtype == dtype_of<T>());
       CHECK(array.shape == shape);
       CHECK(array.size() == count);
-      std::vector<T>& data = data_of<T>(array);
+      std::vector<T>& data = array.values<T>();
       REQUIRE(data.size() == values.size());
       CHECK(raw_bytes(data) == raw_bytes(values));
       if (std::is_same<T, float>::value) {

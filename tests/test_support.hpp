@@ -122,8 +122,8 @@ inline double max_abs(const std::vector<double>& values) {
 /// 1e-10 * (|ref| + median|ref|) + 4 * DBL_EPSILON * max|ref|: at most 1
 /// passes. The last term is a few units of rounding of the largest entry.
 /// It matters only where the exact gradient is 0 but the reference holds
-/// autograd's rounding residue: with one-hot targets RQ's class term G_c is
-/// exactly 0, the reference stores values near 5e-19 there, and those are
+/// autograd's rounding residue. With one-hot targets, RQ's class term G_c is
+/// exactly 0 and the reference stores values near 5e-19 there. Those are
 /// most entries, so the median itself is rounding residue.
 template <typename T>
 double golden_f64_ratio(const std::vector<T>& got,

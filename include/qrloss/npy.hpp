@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "qrloss/error.hpp"
@@ -62,6 +63,17 @@ struct Array {
   /// @throws qrloss::invalid_argument on a negative extent or a product
   ///   that overflows int64, which read() never returns.
   std::int64_t size() const;
+
+  /// Returns f32 for T = float and f64 for T = double.
+  template <typename T>
+  std::vector<T>& values() {
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
+    if constexpr (std::is_same_v<T, float>) {
+      return f32;
+    } else {
+      return f64;
+    }
+  }
 };
 
 /// Reads a float32 or float64 array from an .npy file.

@@ -60,19 +60,6 @@ std::string check_eps_text(const std::string& text) {
   return {};
 }
 
-template <typename T>
-std::vector<T>& data_of(npy::Array& array);
-
-template <>
-std::vector<float>& data_of<float>(npy::Array& array) {
-  return array.f32;
-}
-
-template <>
-std::vector<double>& data_of<double>(npy::Array& array) {
-  return array.f64;
-}
-
 // Throws qrloss::invalid_argument unless input and target can go to the
 // loss together: rank 2 or 4, equal dtype, equal shape.
 void check_inputs(const std::string& input_option,
@@ -117,8 +104,8 @@ double evaluate(const EvalSettings& settings, LossKind kind, bool from_logits,
   options.eps = settings.eps;
   options.num_threads = settings.threads;
 
-  const std::vector<T>& input_data = data_of<T>(input);
-  const std::vector<T>& target_data = data_of<T>(target);
+  const std::vector<T>& input_data = input.values<T>();
+  const std::vector<T>& target_data = target.values<T>();
   std::vector<T> gradient;
   T* gradient_data = nullptr;
   if (!settings.grad_out_path.empty()) {

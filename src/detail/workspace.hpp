@@ -34,7 +34,7 @@ struct Workspace {
   AlignedVector<double> abar;      // L
 };
 
-/// Which scratch a kernel needs.
+/// Flags for the optional scratch arrays a kernel needs.
 struct WorkspaceNeeds {
   bool softmax = false;
   bool grad_tile = false;
