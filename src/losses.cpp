@@ -187,8 +187,7 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
   BadIndexLog bad_target(call.plan.num_chunks);
   run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
     Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
-    double* acc = partial.chunk(chunk);
-    std::fill(acc, acc + C + 1, 0.0);
+    ChunkSums sums(space.lanes.data(), C + 1, partial.chunk(chunk));
     for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
       const Rows<T> probs =
           load_probs<T, kFromLogits>(geometry, input, b, p0, n, L, space, chunk,
@@ -201,7 +200,9 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
         if (call.check) {
           scan_row(p, n, ValueRule::kNonNegative, offset, chunk, bad_target);
         }
-        acc[c] += lane_sum(q, n);
+        if constexpr (!kFromLogits) prefetch_next(q, n);
+        prefetch_next(p, n);
+        sums.add(c, q, n);
         for (Index i = 0; i < n; ++i) log_p[i] = p[i] + eps;
         log_in_place(log_p, n);
         if (eps_zero) {
@@ -212,9 +213,10 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
         } else {
           for (Index i = 0; i < n; ++i) log_p[i] *= q[i];
         }
-        acc[C] += lane_sum(log_p, n);
+        sums.add(C, log_p, n);
       }
     });
+    sums.finish();
   });
   raise_if_bad(call, input_name, input, bad_input);
   raise_if_bad(call, "target", target, bad_target);
@@ -265,6 +267,7 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
         const T* p = target + offset;
         T* out = space.grad.data() + c * L;
         const T h = class_term[static_cast<std::size_t>(c)];
+        prefetch_next(p, n);
         for (Index i = 0; i < n; ++i) log_p[i] = p[i] + eps;
         log_in_place(log_p, n);
         if (eps_zero) {
@@ -313,17 +316,17 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   BadIndexLog bad_input(call.plan.num_chunks);
   run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
     Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
-    double* acc = class_sums.chunk(chunk);
-    std::fill(acc, acc + C, 0.0);
+    ChunkSums sums(space.lanes.data(), C, class_sums.chunk(chunk));
     for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
       const Rows<T> probs =
           load_probs<T, kFromLogits>(geometry, input, b, p0, n, L, space, chunk,
                                      call.check ? &bad_input : nullptr);
       for (Index c = 0; c < C; ++c) {
         const T* q = probs.row(c);
-        acc[c] += lane_sum(q, n);
+        sums.add(c, q, n);
       }
     });
+    sums.finish();
   });
   raise_if_bad(call, input_name, input, bad_input);
 
@@ -355,8 +358,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   const T inv_pixels = static_cast<T>(call.inv_pixels);
   run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
     Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
-    double* acc = partial.chunk(chunk);
-    std::fill(acc, acc + C + 1, 0.0);
+    ChunkSums sums(space.lanes.data(), C + 1, partial.chunk(chunk));
     for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
       const Rows<T> probs = load_probs<T, kFromLogits>(
           geometry, input, b, p0, n, L, space, chunk, nullptr);
@@ -374,15 +376,20 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         if (call.check) {
           scan_row(p, n, ValueRule::kNonNegative, offset, chunk, bad_target);
         }
+        if constexpr (!kFromLogits) prefetch_next(q, n);
+        prefetch_next(p, n);
         const T scale = inv_s_t[static_cast<std::size_t>(c)];
+        QRLOSS_SIMD_LOOP
         for (Index i = 0; i < n; ++i) {
           pixel_sum[i] += static_cast<double>(q[i] * p[i] * scale);
         }
       }
       // w multiplies by 1/t; r divides u itself, so that a pixel with one
       // nonzero u gets r = 1 exactly and its class terms cancel exactly.
+      QRLOSS_SIMD_LOOP
       for (Index i = 0; i < n; ++i) {
-        const double t = std::max(pixel_sum[i], kPixelSumFloor);
+        const double t =
+            pixel_sum[i] < kPixelSumFloor ? kPixelSumFloor : pixel_sum[i];
         clamped_sum[i] = static_cast<T>(t);
         inv_t[i] = static_cast<T>(1.0 / t);
         abar[i] = 0.0;
@@ -396,65 +403,73 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         T* r = space.r.data() + c * L;
         T* a = space.a.data() + c * L;
         T* q_share = space.q_share.data() + c * L;
-        const T scale = inv_s_t[static_cast<std::size_t>(c)];
-        for (Index i = 0; i < n; ++i) {
-          w[i] = p[i] * scale * inv_t[i];
-          r[i] = q[i] * p[i] * scale / clamped_sum[i];
-        }
         T* term = space.tmp2.data();
+        const T scale = inv_s_t[static_cast<std::size_t>(c)];
+        QRLOSS_SIMD_LOOP
+        for (Index i = 0; i < n; ++i) {
+          const T u = q[i] * p[i] * scale;
+          w[i] = p[i] * scale * inv_t[i];
+          r[i] = u / clamped_sum[i];
+        }
         if (!eps_zero) {
-          // log(r + eps) - log(q + eps) is taken as log1p(d) with
-          // d = (r - q) / (q + eps) where d >= -1/2, which is exactly 0 at
-          // r = q and keeps the difference when r and q are both far below
-          // eps; and as log((r + eps) / (q + eps)) where d < -1/2, where
-          // 1 + d would round to 0. Each element gets 0 from the other form
-          // (log1p(0) = log(1) = 0), so one sum merges them.
-          // 1 / (q + eps) also gives the gradient's q / (q + eps).
-          T* log_ratio = space.tmp1.data();
-          T* far_ratio = space.tmp2.data();
+          // log(r + eps) - log(q + eps) = log1p(d), d = (r - q) / (q + eps).
+          // Where d >= -1/2 it is log(x) with x = fl(1 + d), plus the
+          // rounding error of x: log1p(d) = log(x) + (d - (x - 1)) / x,
+          // where x - 1 and d - (x - 1) are exact. That is exactly 0 at
+          // r = q and keeps the difference when r and q both lie far
+          // below eps. Where d < -1/2, 1 + d may round to 0, so x is the
+          // ratio (r + eps) / (q + eps) itself. One log per element.
+          T* x = space.tmp1.data();
+          T* log_x = space.tmp2.data();
+          T* d = a;  // a holds d until the loop below overwrites it
+          QRLOSS_SIMD_LOOP
           for (Index i = 0; i < n; ++i) {
             const T inverse = T(1) / (q[i] + eps);
-            const T d = (r[i] - q[i]) * inverse;
-            const bool near = d >= T(-0.5);
+            const T di = (r[i] - q[i]) * inverse;
             q_share[i] = inverse;
-            log_ratio[i] = near ? d : T(0);
-            far_ratio[i] = near ? T(1) : (r[i] + eps) * inverse;
+            d[i] = di;
+            x[i] = di >= T(-0.5) ? T(1) + di : (r[i] + eps) * inverse;
           }
-          log1p_in_place(log_ratio, n);
-          log_in_place(far_ratio, n);
-          for (Index i = 0; i < n; ++i) log_ratio[i] += far_ratio[i];
-          for (Index i = 0; i < n; ++i) term[i] = r[i] * log_ratio[i];
-          acc[0] += lane_sum(term, n);
-          if (want_grad) {
-            for (Index i = 0; i < n; ++i) {
-              a[i] = log_ratio[i] + r[i] / (r[i] + eps);
-              abar[i] += static_cast<double>(a[i] * r[i]);
-              q_share[i] *= q[i];
-            }
+          log_to(x, log_x, n);
+          QRLOSS_SIMD_LOOP
+          for (Index i = 0; i < n; ++i) {
+            const T inverse_r = T(1) / (r[i] + eps);
+            const T di = d[i];
+            // 1 / x = (q + eps) / (r + eps) to a few ulp; the correction
+            // itself is below one ulp of log(x), so that is ample.
+            const T correction = (di - (x[i] - T(1))) * (q[i] + eps) * inverse_r;
+            const T ratio =
+                di >= T(-0.5) ? log_x[i] + correction : log_x[i];
+            term[i] = r[i] * ratio;
+            const T ai = ratio + r[i] * inverse_r;
+            a[i] = ai;
+            abar[i] += static_cast<double>(ai * r[i]);
+            // dL/dq's q / (q + eps).
+            q_share[i] *= q[i];
           }
+          sums.add(0, term, n);
         } else {
           // With eps = 0, r log(r / q) = r log k with k = w, which stays
           // finite as q -> 0; `a` stores log k here.
-          std::copy(w, w + n, a);
-          log_in_place(a, n);
+          log_to(w, a, n);
+          QRLOSS_SIMD_LOOP
           for (Index i = 0; i < n; ++i) {
-            term[i] = r[i] > T(0) ? r[i] * a[i] : T(0);
+            const bool live = r[i] > T(0);
+            term[i] = live ? r[i] * a[i] : T(0);
+            abar[i] += static_cast<double>(live ? r[i] * (a[i] + T(1)) : T(0));
           }
-          acc[0] += lane_sum(term, n);
-          for (Index i = 0; i < n; ++i) {
-            abar[i] +=
-                static_cast<double>(r[i] > T(0) ? r[i] * (a[i] + T(1)) : T(0));
-          }
+          sums.add(0, term, n);
         }
       }
       if (!want_grad) return;
 
       // A clamped pixel sum is a constant, so no abar term flows through it.
-      for (Index i = 0; i < n; ++i) {
-        if (pixel_sum[i] < kPixelSumFloor) abar[i] = 0.0;
-      }
       T* abar_t = space.tmp1.data();
-      for (Index i = 0; i < n; ++i) abar_t[i] = static_cast<T>(abar[i]);
+      QRLOSS_SIMD_LOOP
+      for (Index i = 0; i < n; ++i) {
+        abar_t[i] =
+            pixel_sum[i] < kPixelSumFloor ? T(0) : static_cast<T>(abar[i]);
+      }
 
       // G_c partial sums and the per-pixel gradient part [eq. 4].
       for (Index c = 0; c < C; ++c) {
@@ -465,24 +480,26 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         T* out = space.grad.data() + c * L;
         T* term = space.tmp2.data();
         if (!eps_zero) {
-          for (Index i = 0; i < n; ++i) term[i] = r[i] * (a[i] - abar_t[i]);
+          QRLOSS_SIMD_LOOP
           for (Index i = 0; i < n; ++i) {
-            out[i] = inv_pixels * w[i] * (a[i] - abar_t[i] - q_share[i]);
+            const T centred = a[i] - abar_t[i];
+            term[i] = r[i] * centred;
+            out[i] = inv_pixels * w[i] * (centred - q_share[i]);
           }
         } else {
+          QRLOSS_SIMD_LOOP
           for (Index i = 0; i < n; ++i) {
-            term[i] = r[i] > T(0) ? r[i] * (a[i] + T(1) - abar_t[i]) : T(0);
-          }
-          for (Index i = 0; i < n; ++i) {
-            out[i] =
-                w[i] > T(0) ? inv_pixels * w[i] * (a[i] - abar_t[i]) : T(0);
+            const T centred = a[i] - abar_t[i];
+            term[i] = r[i] > T(0) ? r[i] * (centred + T(1)) : T(0);
+            out[i] = w[i] > T(0) ? inv_pixels * w[i] * centred : T(0);
           }
         }
-        acc[1 + c] += lane_sum(term, n);
+        sums.add(1 + c, term, n);
       }
       store_gradient_tile<T, kFromLogits>(geometry, probs, space, L, b, p0, n,
                                           grad);
     });
+    sums.finish();
     finish_streaming_stores();
   });
   raise_if_bad(call, "target", target, bad_target);

@@ -16,6 +16,12 @@
 #include "qrloss/error.hpp"
 #include "qrloss/tensor.hpp"
 
+/// Marks an element-wise loop over distinct arrays for vectorisation
+/// (OpenMP SIMD, enabled by -fopenmp-simd even without OpenMP threads).
+/// Only loops without a floating-point reduction carry it, so it changes
+/// no result.
+#define QRLOSS_SIMD_LOOP _Pragma("omp simd")
+
 namespace qrloss::detail {
 
 using Index = std::int64_t;
@@ -139,20 +145,64 @@ void for_each_tile(const Geometry& geometry, Index begin, Index end,
   }
 }
 
-/// Sums x[0, n) in double over eight fixed lanes that are combined in a
-/// fixed order: the compiler vectorises it without reassociating, and the
-/// result does not depend on alignment.
+/// Lanes of the fixed-order sums: x[i] of a row goes to lane i % kLanes.
+/// 32 double lanes are four or more independent vector accumulators, which
+/// hide the latency of the adds; the compiler vectorises the lanes without
+/// reassociating, so a sum depends neither on alignment nor on the
+/// instruction set.
+inline constexpr int kLanes = 32;
+
+/// Adds x[0, n) into lanes[0, kLanes).
+template <typename T>
+inline void accumulate_lanes(const T* x, Index n, double* lanes) {
+  Index i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lanes[j] += static_cast<double>(x[i + j]);
+  }
+  for (int j = 0; i + j < n; ++j) lanes[j] += static_cast<double>(x[i + j]);
+}
+
+/// Combines kLanes lanes in a fixed pairwise order.
+inline double reduce_lanes(const double* lanes) {
+  double tree[kLanes];
+  std::copy(lanes, lanes + kLanes, tree);
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) tree[j] += tree[j + width];
+  }
+  return tree[0];
+}
+
+/// Sums x[0, n) in double over the fixed lanes.
 template <typename T>
 inline double lane_sum(const T* x, Index n) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  Index i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) acc[j] += static_cast<double>(x[i + j]);
-  }
-  for (int j = 0; i + j < n; ++j) acc[j] += static_cast<double>(x[i + j]);
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) +
-         ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  double lanes[kLanes] = {};
+  accumulate_lanes(x, n, lanes);
+  return reduce_lanes(lanes);
 }
+
+/// Sums of one chunk: `width` sums of kLanes lanes each, kept in the
+/// thread's scratch across the tiles of the chunk and reduced once at the
+/// end, so a short tile row costs no reduction of its own.
+class ChunkSums {
+ public:
+  /// `lanes` holds width * kLanes doubles; `out` receives the width sums.
+  ChunkSums(double* lanes, Index width, double* out)
+      : lanes_(lanes), width_(width), out_(out) {
+    std::fill(lanes_, lanes_ + width_ * kLanes, 0.0);
+  }
+  template <typename T>
+  void add(Index k, const T* x, Index n) {
+    accumulate_lanes(x, n, lanes_ + k * kLanes);
+  }
+  void finish() {
+    for (Index k = 0; k < width_; ++k) out_[k] = reduce_lanes(lanes_ + k * kLanes);
+  }
+
+ private:
+  double* lanes_;
+  Index width_;
+  double* out_;
+};
 
 /// Per-chunk partial sums of `width` values, combined in chunk order.
 class PartialSums {
