@@ -86,26 +86,37 @@ struct Rows {
 };
 
 /// Provides q for a tile: the caller's probs, or the softmax of the logits
-/// computed into the thread's scratch. Scans the input when `log` is set.
+/// computed into the thread's scratch. Scans logits when `log` is set;
+/// probs are checked by the pass's own sums (ChunkSums::add_checked).
 template <typename T, bool kFromLogits>
 Rows<T> load_probs(const Geometry& geometry, const T* input, Index b, Index p0,
                    Index n, Index tile, Workspace<T>& space, Index chunk,
                    BadIndexLog* log) {
   const T* first = input + geometry.offset(b, 0, p0);
-  if (log != nullptr) {
-    const ValueRule rule =
-        kFromLogits ? ValueRule::kFinite : ValueRule::kNonNegative;
-    for (Index c = 0; c < geometry.C; ++c) {
-      const Index row = geometry.offset(b, c, p0);
-      scan_row(input + row, n, rule, row, chunk, *log);
-    }
-  }
   if constexpr (!kFromLogits) {
     return {first, geometry.P};
   } else {
+    if (log != nullptr) {
+      for (Index c = 0; c < geometry.C; ++c) {
+        const Index row = geometry.offset(b, c, p0);
+        scan_row(input + row, n, ValueRule::kFinite, row, chunk, *log);
+      }
+    }
     softmax_tile(first, geometry.P, geometry.C, n, space.q.data(), tile,
                  space.pixel.data(), space.sum.data());
     return {space.q.data(), tile};
+  }
+}
+
+/// Adds a tile row of q to sum k; when q is the caller's probs and `log` is
+/// set, checks the row in the same loop.
+template <typename T, bool kFromLogits>
+void add_probs_row(ChunkSums& sums, Index k, const T* q, Index n,
+                   Index row_offset, Index chunk, BadIndexLog* log) {
+  if (kFromLogits || log == nullptr) {
+    sums.add(k, q, n);
+  } else if (!sums.add_checked(k, q, n, ValueRule::kNonNegative)) {
+    log_first_invalid(q, n, ValueRule::kNonNegative, row_offset, chunk, *log);
   }
 }
 
@@ -197,13 +208,20 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
         const T* q = probs.row(c);
         const Index offset = geometry.offset(b, c, p0);
         const T* p = target + offset;
-        if (call.check) {
-          scan_row(p, n, ValueRule::kNonNegative, offset, chunk, bad_target);
-        }
         if constexpr (!kFromLogits) prefetch_next(q, n);
         prefetch_next(p, n);
-        sums.add(c, q, n);
-        for (Index i = 0; i < n; ++i) log_p[i] = p[i] + eps;
+        add_probs_row<T, kFromLogits>(sums, c, q, n, offset, chunk,
+                                      call.check ? &bad_input : nullptr);
+        Flag<T> bad = 0;
+        QRLOSS_SIMD_LOOP_FLAGS
+        for (Index i = 0; i < n; ++i) {
+          log_p[i] = p[i] + eps;
+          bad |= invalid_flag(p[i], ValueRule::kNonNegative);
+        }
+        if (call.check && bad != 0) {
+          log_first_invalid(p, n, ValueRule::kNonNegative, offset, chunk,
+                            bad_target);
+        }
         log_in_place(log_p, n);
         if (eps_zero) {
           // 0 * log(0) counts as 0; with eps > 0 the log is finite anyway.
@@ -323,7 +341,10 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
                                      call.check ? &bad_input : nullptr);
       for (Index c = 0; c < C; ++c) {
         const T* q = probs.row(c);
-        sums.add(c, q, n);
+        const Index offset = geometry.offset(b, c, p0);
+        if constexpr (!kFromLogits) prefetch_next(q, n);
+        add_probs_row<T, kFromLogits>(sums, c, q, n, offset, chunk,
+                                      call.check ? &bad_input : nullptr);
       }
     });
     sums.finish();
@@ -373,25 +394,30 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         const T* q = probs.row(c);
         const Index offset = geometry.offset(b, c, p0);
         const T* p = target + offset;
-        if (call.check) {
-          scan_row(p, n, ValueRule::kNonNegative, offset, chunk, bad_target);
-        }
-        if constexpr (!kFromLogits) prefetch_next(q, n);
-        prefetch_next(p, n);
         const T scale = inv_s_t[static_cast<std::size_t>(c)];
-        QRLOSS_SIMD_LOOP
+        Flag<T> bad = 0;
+        QRLOSS_SIMD_LOOP_FLAGS
         for (Index i = 0; i < n; ++i) {
           pixel_sum[i] += static_cast<double>(q[i] * p[i] * scale);
+          bad |= invalid_flag(p[i], ValueRule::kNonNegative);
+        }
+        if (call.check && bad != 0) {
+          log_first_invalid(p, n, ValueRule::kNonNegative, offset, chunk,
+                            bad_target);
         }
       }
       // w multiplies by 1/t; r divides u itself, so that a pixel with one
       // nonzero u gets r = 1 exactly and its class terms cancel exactly.
+      // (GCC 12 leaves a loop scalar when it mixes a select with a
+      // double-to-float conversion, so the clamp has a loop of its own.)
       QRLOSS_SIMD_LOOP
       for (Index i = 0; i < n; ++i) {
-        const double t =
-            pixel_sum[i] < kPixelSumFloor ? kPixelSumFloor : pixel_sum[i];
-        clamped_sum[i] = static_cast<T>(t);
-        inv_t[i] = static_cast<T>(1.0 / t);
+        abar[i] = pixel_sum[i] < kPixelSumFloor ? kPixelSumFloor : pixel_sum[i];
+      }
+      QRLOSS_SIMD_LOOP
+      for (Index i = 0; i < n; ++i) {
+        clamped_sum[i] = static_cast<T>(abar[i]);
+        inv_t[i] = static_cast<T>(1.0 / abar[i]);
         abar[i] = 0.0;
       }
 
@@ -405,12 +431,6 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         T* q_share = space.q_share.data() + c * L;
         T* term = space.tmp2.data();
         const T scale = inv_s_t[static_cast<std::size_t>(c)];
-        QRLOSS_SIMD_LOOP
-        for (Index i = 0; i < n; ++i) {
-          const T u = q[i] * p[i] * scale;
-          w[i] = p[i] * scale * inv_t[i];
-          r[i] = u / clamped_sum[i];
-        }
         if (!eps_zero) {
           // log(r + eps) - log(q + eps) = log1p(d), d = (r - q) / (q + eps).
           // Where d >= -1/2 it is log(x) with x = fl(1 + d), plus the
@@ -424,11 +444,14 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           T* d = a;  // a holds d until the loop below overwrites it
           QRLOSS_SIMD_LOOP
           for (Index i = 0; i < n; ++i) {
+            const T ri = q[i] * p[i] * scale / clamped_sum[i];
             const T inverse = T(1) / (q[i] + eps);
-            const T di = (r[i] - q[i]) * inverse;
+            const T di = (ri - q[i]) * inverse;
+            w[i] = p[i] * scale * inv_t[i];
+            r[i] = ri;
             q_share[i] = inverse;
             d[i] = di;
-            x[i] = di >= T(-0.5) ? T(1) + di : (r[i] + eps) * inverse;
+            x[i] = di >= T(-0.5) ? T(1) + di : (ri + eps) * inverse;
           }
           log_to(x, log_x, n);
           QRLOSS_SIMD_LOOP
@@ -451,12 +474,22 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         } else {
           // With eps = 0, r log(r / q) = r log k with k = w, which stays
           // finite as q -> 0; `a` stores log k here.
+          T* d_share = space.tmp1.data();  // r (log k + 1), or 0 where r = 0
+          QRLOSS_SIMD_LOOP
+          for (Index i = 0; i < n; ++i) {
+            w[i] = p[i] * scale * inv_t[i];
+            r[i] = q[i] * p[i] * scale / clamped_sum[i];
+          }
           log_to(w, a, n);
           QRLOSS_SIMD_LOOP
           for (Index i = 0; i < n; ++i) {
             const bool live = r[i] > T(0);
             term[i] = live ? r[i] * a[i] : T(0);
-            abar[i] += static_cast<double>(live ? r[i] * (a[i] + T(1)) : T(0));
+            d_share[i] = live ? r[i] * (a[i] + T(1)) : T(0);
+          }
+          QRLOSS_SIMD_LOOP
+          for (Index i = 0; i < n; ++i) {
+            abar[i] += static_cast<double>(d_share[i]);
           }
           sums.add(0, term, n);
         }
@@ -467,9 +500,10 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
       T* abar_t = space.tmp1.data();
       QRLOSS_SIMD_LOOP
       for (Index i = 0; i < n; ++i) {
-        abar_t[i] =
-            pixel_sum[i] < kPixelSumFloor ? T(0) : static_cast<T>(abar[i]);
+        abar[i] = pixel_sum[i] < kPixelSumFloor ? 0.0 : abar[i];
       }
+      QRLOSS_SIMD_LOOP
+      for (Index i = 0; i < n; ++i) abar_t[i] = static_cast<T>(abar[i]);
 
       // G_c partial sums and the per-pixel gradient part [eq. 4].
       for (Index c = 0; c < C; ++c) {

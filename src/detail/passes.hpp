@@ -21,6 +21,8 @@
 /// Only loops without a floating-point reduction carry it, so it changes
 /// no result.
 #define QRLOSS_SIMD_LOOP _Pragma("omp simd")
+/// The same for a loop that also folds validity flags into `bad` with |.
+#define QRLOSS_SIMD_LOOP_FLAGS _Pragma("omp simd reduction(|:bad)")
 
 namespace qrloss::detail {
 
@@ -145,6 +147,24 @@ void for_each_tile(const Geometry& geometry, Index begin, Index end,
   }
 }
 
+/// Rule for the values an input may take.
+enum class ValueRule { kNonNegative, kFinite };
+
+/// Integer flag of the element's width: folding flags with | is a
+/// reduction the compiler vectorises without reassociating any
+/// floating-point sum.
+template <typename T>
+using Flag = std::conditional_t<sizeof(T) == 4, std::int32_t, std::int64_t>;
+
+/// Nonzero when v breaks the rule. NaN fails both comparisons.
+template <typename T>
+inline Flag<T> invalid_flag(T v, ValueRule rule) {
+  constexpr T kMax = std::numeric_limits<T>::max();
+  const T lowest = rule == ValueRule::kNonNegative ? T(0) : -kMax;
+  return static_cast<Flag<T>>(!(v >= lowest)) |
+         static_cast<Flag<T>>(!(v <= kMax));
+}
+
 /// Lanes of the fixed-order sums: x[i] of a row goes to lane i % kLanes.
 /// 32 double lanes are four or more independent vector accumulators, which
 /// hide the latency of the adds; the compiler vectorises the lanes without
@@ -194,6 +214,27 @@ class ChunkSums {
   void add(Index k, const T* x, Index n) {
     accumulate_lanes(x, n, lanes_ + k * kLanes);
   }
+  /// add(), which also returns whether every x[i] satisfies the rule: one
+  /// read of the row instead of two.
+  template <typename T>
+  bool add_checked(Index k, const T* x, Index n, ValueRule rule) {
+    double* lanes = lanes_ + k * kLanes;
+    Flag<T> bad[kLanes] = {};
+    Index i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        lanes[j] += static_cast<double>(x[i + j]);
+        bad[j] |= invalid_flag(x[i + j], rule);
+      }
+    }
+    for (int j = 0; i + j < n; ++j) {
+      lanes[j] += static_cast<double>(x[i + j]);
+      bad[j] |= invalid_flag(x[i + j], rule);
+    }
+    Flag<T> any = 0;
+    for (int j = 0; j < kLanes; ++j) any |= bad[j];
+    return any == 0;
+  }
   void finish() {
     for (Index k = 0; k < width_; ++k) out_[k] = reduce_lanes(lanes_ + k * kLanes);
   }
@@ -234,8 +275,6 @@ struct ClassStats {
   double num_pixels = 0.0;
 };
 
-/// Rule for the values an input may take.
-enum class ValueRule { kNonNegative, kFinite };
 
 /// First bad element found per chunk (-1 for none); the smallest over all
 /// chunks is the first bad index in memory order.
@@ -259,20 +298,11 @@ class BadIndexLog {
   std::vector<Index> first_;
 };
 
-/// True when every value of x[0, n) satisfies the rule. NaN fails both
-/// comparisons. The flags are folded with | into an integer of the
-/// element's width, a reduction the compiler vectorises without
-/// reassociating floating-point sums.
+/// True when every value of x[0, n) satisfies the rule.
 template <typename T>
 inline bool all_valid(const T* x, Index n, ValueRule rule) {
-  using Flag = std::conditional_t<sizeof(T) == 4, std::int32_t, std::int64_t>;
-  constexpr T kMax = std::numeric_limits<T>::max();
-  const T lowest = rule == ValueRule::kNonNegative ? T(0) : -kMax;
-  Flag bad = 0;
-  for (Index i = 0; i < n; ++i) {
-    bad |= static_cast<Flag>(!(x[i] >= lowest)) |
-           static_cast<Flag>(!(x[i] <= kMax));
-  }
+  Flag<T> bad = 0;
+  for (Index i = 0; i < n; ++i) bad |= invalid_flag(x[i], rule);
   return bad == 0;
 }
 
@@ -289,13 +319,22 @@ inline Index first_invalid(const T* x, Index n, ValueRule rule) {
   return -1;
 }
 
+/// Logs the first element of a row that breaks the rule, if any; for rows
+/// that a fused loop has already flagged.
+template <typename T>
+inline void log_first_invalid(const T* row, Index length, ValueRule rule,
+                              Index row_offset, Index chunk,
+                              BadIndexLog& log) {
+  const Index i = first_invalid(row, length, rule);
+  if (i >= 0) log.record(chunk, row_offset + i);
+}
+
 /// Checks one class row of a tile and logs the first bad element.
 template <typename T>
 inline void scan_row(const T* row, Index length, ValueRule rule,
                      Index row_offset, Index chunk, BadIndexLog& log) {
   if (all_valid(row, length, rule)) return;
-  const Index i = first_invalid(row, length, rule);
-  if (i >= 0) log.record(chunk, row_offset + i);
+  log_first_invalid(row, length, rule, row_offset, chunk, log);
 }
 
 /// Throws the error for a bad value found by a scan, naming the tensor, the

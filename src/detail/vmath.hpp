@@ -79,18 +79,20 @@ inline void stream_store(T* dst, const T* src, Index n) {
   for (; i < n; ++i) dst[i] = src[i];
 }
 
-#ifndef QRLOSS_PF_DIST
-#define QRLOSS_PF_DIST 1
-#define QRLOSS_PF_HINT _MM_HINT_T0
-#endif
 /// Requests the cache lines of x[n, 2n) (the same row of the next tile) so
-/// that they arrive while this tile computes.
+/// that they arrive while this tile computes; without it the two cores of
+/// the machine in docs/performance.md waited for memory and computed in
+/// turn. Prefetching two or three tiles ahead, or into L2 only, measured
+/// the same or worse.
 template <typename T>
 inline void prefetch_next(const T* x, Index n) {
-  const char* first = reinterpret_cast<const char*>(x + QRLOSS_PF_DIST * n);
-  const char* last = reinterpret_cast<const char*>(x + (QRLOSS_PF_DIST + 1) * n);
-  for (const char* line = first; line < last; line += 64) {
-    _mm_prefetch(line, QRLOSS_PF_HINT);
+  // Addresses past the end of the row's buffer are harmless to prefetch
+  // (a prefetch never faults) but not to form as pointers, so the
+  // arithmetic is on integers.
+  const auto bytes = static_cast<std::uintptr_t>(n) * sizeof(T);
+  const std::uintptr_t first = reinterpret_cast<std::uintptr_t>(x) + bytes;
+  for (std::uintptr_t line = first; line < first + bytes; line += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
   }
 }
 
@@ -98,40 +100,40 @@ inline void prefetch_next(const T* x, Index n) {
 /// the barrier after a parallel region publishes them.
 inline void finish_streaming_stores() { _mm_sfence(); }
 
-/// Applies `packet_fn` to x[0, n) in place, in packets; the tail is padded
-/// with `pad` and computed as one more packet.
+/// Writes packet_fn(x[i]) to y[i] for i < n, in packets; the tail is
+/// padded with `pad` and computed as one more packet. y may be x.
 template <typename T, typename PacketFn>
-inline void apply_packets(T* x, Index n, T pad, PacketFn packet_fn) {
+inline void apply_packets(const T* x, T* y, Index n, T pad,
+                          PacketFn packet_fn) {
   constexpr Index kWidth = kVectorBytes / static_cast<Index>(sizeof(T));
   Index i = 0;
   for (; i + kWidth <= n; i += kWidth) {
-    vstore(x + i, packet_fn(vload(x + i)));
+    vstore(y + i, packet_fn(vload(x + i)));
   }
   if (i == n) return;
   alignas(64) T tail[kWidth];
   std::fill(tail, tail + kWidth, pad);
   std::copy(x + i, x + n, tail);
   vstore(tail, packet_fn(vload(tail)));
-  std::copy(tail, tail + (n - i), x + i);
+  std::copy(tail, tail + (n - i), y + i);
 }
 
 /// x[i] = log(x[i]) for i < n.
 template <typename T>
 inline void log_in_place(T* x, Index n) {
-  apply_packets(x, n, T(1), [](auto v) { return vlog_packet(v); });
+  apply_packets(x, x, n, T(1), [](auto v) { return vlog_packet(v); });
 }
 
-/// y[i] = log(x[i]) for i < n; x and y are distinct arrays.
+/// y[i] = log(x[i]) for i < n.
 template <typename T>
 inline void log_to(const T* x, T* y, Index n) {
-  std::copy(x, x + n, y);
-  log_in_place(y, n);
+  apply_packets(x, y, n, T(1), [](auto v) { return vlog_packet(v); });
 }
 
 /// x[i] = exp(x[i]) for i < n.
 template <typename T>
 inline void exp_in_place(T* x, Index n) {
-  apply_packets(x, n, T(0), [](auto v) { return vexp_packet(v); });
+  apply_packets(x, x, n, T(0), [](auto v) { return vexp_packet(v); });
 }
 
 }  // namespace qrloss::detail
