@@ -96,16 +96,39 @@ Rows<T> load_probs(const Geometry& geometry, const T* input, Index b, Index p0,
   if constexpr (!kFromLogits) {
     return {first, geometry.P};
   } else {
-    if (log != nullptr) {
+    const Flag<T> bad =
+        softmax_tile(first, geometry.P, geometry.C, n, space.q.data(), tile,
+                     space.pixel.data(), space.sum.data());
+    if (log != nullptr && bad != 0) {
       for (Index c = 0; c < geometry.C; ++c) {
         const Index row = geometry.offset(b, c, p0);
-        scan_row(input + row, n, ValueRule::kFinite, row, chunk, *log);
+        log_first_invalid(input + row, n, ValueRule::kFinite, row, chunk,
+                          *log);
       }
     }
-    softmax_tile(first, geometry.P, geometry.C, n, space.q.data(), tile,
-                 space.pixel.data(), space.sum.data());
     return {space.q.data(), tile};
   }
+}
+
+/// From logits, the first pass keeps q = softmax(x) in the caller's
+/// gradient buffer, which a later pass overwrites tile by tile after
+/// reading it back. Reading q costs one more stream of memory traffic; the
+/// softmax it replaces costs an exp per element and two sweeps over the
+/// classes, which is more on any machine whose cores are not starved of
+/// bandwidth.
+template <typename T>
+void cache_probs(const Geometry& geometry, const Rows<T>& probs, Index b,
+                 Index p0, Index n, T* grad) {
+  for (Index c = 0; c < geometry.C; ++c) {
+    stream_store(grad + geometry.offset(b, c, p0), probs.row(c), n);
+  }
+}
+
+/// The rows of q that cache_probs left in the gradient buffer.
+template <typename T>
+Rows<T> cached_probs(const Geometry& geometry, const T* grad, Index b,
+                     Index p0) {
+  return {grad + geometry.offset(b, 0, p0), geometry.P};
 }
 
 /// Adds a tile row of q to sum k; when q is the caller's probs and `log` is
@@ -162,7 +185,7 @@ void store_gradient_tile(const Geometry& geometry, const Rows<T>& probs,
                          Index n, T* grad) {
   T* rows = space.grad.data();
   if constexpr (kFromLogits) {
-    softmax_vjp_tile(probs.base, L, rows, L, rows, L, geometry.C, n,
+    softmax_vjp_tile(probs.base, probs.stride, rows, L, rows, L, geometry.C, n,
                      space.sum.data(), space.pixel.data());
   }
   for (Index c = 0; c < geometry.C; ++c) {
@@ -203,6 +226,9 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
       const Rows<T> probs =
           load_probs<T, kFromLogits>(geometry, input, b, p0, n, L, space, chunk,
                                      call.check ? &bad_input : nullptr);
+      if (kFromLogits && grad != nullptr) {
+        cache_probs(geometry, probs, b, p0, n, grad);
+      }
       T* log_p = space.tmp1.data();
       for (Index c = 0; c < C; ++c) {
         const T* q = probs.row(c);
@@ -235,6 +261,7 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
       }
     });
     sums.finish();
+    finish_streaming_stores();
   });
   raise_if_bad(call, input_name, input, bad_input);
   raise_if_bad(call, "target", target, bad_target);
@@ -275,16 +302,14 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
     Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
     for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
       Rows<T> probs{nullptr, 0};
-      if constexpr (kFromLogits) {
-        probs = load_probs<T, true>(geometry, input, b, p0, n, L, space, chunk,
-                                    nullptr);
-      }
+      if constexpr (kFromLogits) probs = cached_probs(geometry, grad, b, p0);
       T* log_p = space.tmp1.data();
       for (Index c = 0; c < C; ++c) {
         const Index offset = geometry.offset(b, c, p0);
         const T* p = target + offset;
         T* out = space.grad.data() + c * L;
         const T h = class_term[static_cast<std::size_t>(c)];
+        if constexpr (kFromLogits) prefetch_next(probs.row(c), n);
         prefetch_next(p, n);
         for (Index i = 0; i < n; ++i) log_p[i] = p[i] + eps;
         log_in_place(log_p, n);
@@ -339,6 +364,9 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
       const Rows<T> probs =
           load_probs<T, kFromLogits>(geometry, input, b, p0, n, L, space, chunk,
                                      call.check ? &bad_input : nullptr);
+      if (kFromLogits && want_grad) {
+        cache_probs(geometry, probs, b, p0, n, grad);
+      }
       for (Index c = 0; c < C; ++c) {
         const T* q = probs.row(c);
         const Index offset = geometry.offset(b, c, p0);
@@ -348,6 +376,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
       }
     });
     sums.finish();
+    finish_streaming_stores();
   });
   raise_if_bad(call, input_name, input, bad_input);
 
@@ -381,8 +410,11 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
     Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
     ChunkSums sums(space.lanes.data(), C + 1, partial.chunk(chunk));
     for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
-      const Rows<T> probs = load_probs<T, kFromLogits>(
-          geometry, input, b, p0, n, L, space, chunk, nullptr);
+      const Rows<T> probs =
+          kFromLogits && want_grad
+              ? cached_probs(geometry, grad, b, p0)
+              : load_probs<T, kFromLogits>(geometry, input, b, p0, n, L, space,
+                                           chunk, nullptr);
       double* pixel_sum = space.sum.data();
       double* abar = space.abar.data();
       T* clamped_sum = space.pixel.data();

@@ -11,28 +11,46 @@ namespace qrloss::detail {
 /// Computes q = softmax(x) over C for n pixels. Row c of x starts at
 /// x + c * x_stride; row c of q at q + c * q_stride (aligned scratch).
 /// `pixel` (T) and `sum` (double) are scratch of at least n entries.
+/// Returns nonzero when some x is not finite (checked in the loop that
+/// reads x first), and prefetches the rows of the next tile.
 template <typename T>
-void softmax_tile(const T* x, Index x_stride, Index C, Index n, T* q,
-                  Index q_stride, T* pixel, double* sum) {
+Flag<T> softmax_tile(const T* x, Index x_stride, Index C, Index n, T* q,
+                     Index q_stride, T* pixel, double* sum) {
   // Subtracting the per-pixel max keeps exp <= 1, so nothing overflows.
-  std::copy(x, x + n, pixel);
+  Flag<T> bad = 0;
+  QRLOSS_SIMD_LOOP_FLAGS
+  for (Index i = 0; i < n; ++i) {
+    pixel[i] = x[i];
+    bad |= invalid_flag(x[i], ValueRule::kFinite);
+  }
+  prefetch_next(x, n);
   for (Index c = 1; c < C; ++c) {
     const T* row = x + c * x_stride;
-    for (Index i = 0; i < n; ++i) pixel[i] = std::max(pixel[i], row[i]);
+    prefetch_next(row, n);
+    QRLOSS_SIMD_LOOP_FLAGS
+    for (Index i = 0; i < n; ++i) {
+      pixel[i] = pixel[i] < row[i] ? row[i] : pixel[i];
+      bad |= invalid_flag(row[i], ValueRule::kFinite);
+    }
   }
   std::fill(sum, sum + n, 0.0);
   for (Index c = 0; c < C; ++c) {
     T* out = q + c * q_stride;
     const T* row = x + c * x_stride;
+    QRLOSS_SIMD_LOOP
     for (Index i = 0; i < n; ++i) out[i] = row[i] - pixel[i];
     exp_in_place(out, n);
+    QRLOSS_SIMD_LOOP
     for (Index i = 0; i < n; ++i) sum[i] += static_cast<double>(out[i]);
   }
+  QRLOSS_SIMD_LOOP
   for (Index i = 0; i < n; ++i) pixel[i] = static_cast<T>(1.0 / sum[i]);
   for (Index c = 0; c < C; ++c) {
     T* out = q + c * q_stride;
+    QRLOSS_SIMD_LOOP
     for (Index i = 0; i < n; ++i) out[i] *= pixel[i];
   }
+  return bad;
 }
 
 /// Writes dx_c = q_c * (g_c - sum_k g_k q_k) for n pixels. Rows are
@@ -47,10 +65,12 @@ void softmax_vjp_tile(const T* q, Index q_stride, const T* g, Index g_stride,
   for (Index c = 0; c < C; ++c) {
     const T* qr = q + c * q_stride;
     const T* gr = g + c * g_stride;
+    QRLOSS_SIMD_LOOP
     for (Index i = 0; i < n; ++i) {
       dot[i] += static_cast<double>(gr[i]) * static_cast<double>(qr[i]);
     }
   }
+  QRLOSS_SIMD_LOOP
   for (Index i = 0; i < n; ++i) pixel[i] = static_cast<T>(dot[i]);
   for (Index c = 0; c < C; ++c) {
     const T* qr = q + c * q_stride;
