@@ -417,6 +417,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
                                            chunk, nullptr);
       double* pixel_sum = space.sum.data();
       double* abar = space.abar.data();
+      double* loss_sum = space.loss_sum.data();  // sum_c of the loss terms
       T* clamped_sum = space.pixel.data();
       T* inv_t = space.pixel_inverse.data();
 
@@ -451,6 +452,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         clamped_sum[i] = static_cast<T>(abar[i]);
         inv_t[i] = static_cast<T>(1.0 / abar[i]);
         abar[i] = 0.0;
+        loss_sum[i] = 0.0;
       }
 
       // r, the loss terms and abar = sum_c a_c r_c.
@@ -481,7 +483,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
             const T di = (ri - q[i]) * inverse;
             w[i] = p[i] * scale * inv_t[i];
             r[i] = ri;
-            q_share[i] = inverse;
+            q_share[i] = q[i] * inverse;  // dL/dq's q / (q + eps)
             d[i] = di;
             x[i] = di >= T(-0.5) ? T(1) + di : (ri + eps) * inverse;
           }
@@ -495,14 +497,11 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
             const T correction = (di - (x[i] - T(1))) * (q[i] + eps) * inverse_r;
             const T ratio =
                 di >= T(-0.5) ? log_x[i] + correction : log_x[i];
-            term[i] = r[i] * ratio;
             const T ai = ratio + r[i] * inverse_r;
             a[i] = ai;
             abar[i] += static_cast<double>(ai * r[i]);
-            // dL/dq's q / (q + eps).
-            q_share[i] *= q[i];
+            loss_sum[i] += static_cast<double>(r[i] * ratio);
           }
-          sums.add(0, term, n);
         } else {
           // With eps = 0, r log(r / q) = r log k with k = w, which stays
           // finite as q -> 0; `a` stores log k here.
@@ -521,11 +520,12 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           }
           QRLOSS_SIMD_LOOP
           for (Index i = 0; i < n; ++i) {
+            loss_sum[i] += static_cast<double>(term[i]);
             abar[i] += static_cast<double>(d_share[i]);
           }
-          sums.add(0, term, n);
         }
       }
+      sums.add(0, loss_sum, n);
       if (!want_grad) return;
 
       // A clamped pixel sum is a constant, so no abar term flows through it.

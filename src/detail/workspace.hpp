@@ -32,6 +32,7 @@ struct Workspace {
   AlignedVector<T> pixel_inverse;  // L: 1 / (per-pixel value)
   AlignedVector<double> sum;       // L: per-pixel sums in double
   AlignedVector<double> abar;      // L
+  AlignedVector<double> loss_sum;  // L: RQ's per-pixel loss terms
   AlignedVector<double> lanes;     // (C + 1) x kLanes: ChunkSums scratch
 };
 
@@ -63,6 +64,7 @@ std::vector<Workspace<T>> make_workspaces(int threads, Index C, Index L,
     space.pixel_inverse.resize(line);
     space.sum.resize(line);
     space.abar.resize(line);
+    if (needs.rq_rows) space.loss_sum.resize(line);
     space.lanes.resize(static_cast<std::size_t>((C + 1) * kLanes));
   }
   return spaces;
