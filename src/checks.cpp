@@ -8,6 +8,7 @@
 #include <sstream>
 #include <string>
 
+#include "detail/lanes.hpp"
 #include "detail/passes.hpp"
 #include "qrloss/error.hpp"
 #include "qrloss/losses.hpp"
@@ -172,10 +173,10 @@ void check_values(const char* function, const char* tensor, const T* data,
     const Index begin = chunk * plan.chunk_pixels;
     const Index end =
         std::min(begin + plan.chunk_pixels, geometry.num_pixels());
-    for_each_tile(geometry, begin, end, tile, [&](Index b, Index p0, Index n) {
+    QRLOSS_ISA::for_each_tile(geometry, begin, end, tile, [&](Index b, Index p0, Index n) {
       for (Index c = 0; c < geometry.C; ++c) {
         const Index row = geometry.offset(b, c, p0);
-        scan_row(data + row, n, rule, row, chunk, log);
+        QRLOSS_ISA::scan_row(data + row, n, rule, row, chunk, log);
       }
     });
   });

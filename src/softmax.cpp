@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "detail/lanes.hpp"
 #include "detail/passes.hpp"
 #include "detail/softmax_tile.hpp"
 #include "detail/workspace.hpp"
@@ -31,7 +32,7 @@ void for_each_pixel_tile(const Geometry& geometry, int threads,
     const Index begin = chunk * plan.chunk_pixels;
     const Index end =
         std::min(begin + plan.chunk_pixels, geometry.num_pixels());
-    for_each_tile(geometry, begin, end, L, [&](Index b, Index p0, Index n) {
+    QRLOSS_ISA::for_each_tile(geometry, begin, end, L, [&](Index b, Index p0, Index n) {
       tile_fn(b, p0, n, L, spaces[static_cast<std::size_t>(thread)]);
     });
   });
@@ -67,7 +68,7 @@ void softmax(const T* logits, T* probs, const Shape& shape, int num_threads) {
       geometry, threads, needs,
       [&](Index b, Index p0, Index n, Index L, Workspace<T>& space) {
         const Index offset = geometry.offset(b, 0, p0);
-        softmax_tile(logits + offset, geometry.P, geometry.C, n, space.q.data(),
+        QRLOSS_ISA::softmax_tile(logits + offset, geometry.P, geometry.C, n, space.q.data(),
                      L, space.pixel.data(), space.sum.data());
         for (Index c = 0; c < geometry.C; ++c) {
           std::copy(space.q.data() + c * L, space.q.data() + c * L + n,
@@ -101,7 +102,7 @@ void softmax_vjp(const T* probs, const T* dL_dq, T* dL_dx, const Shape& shape,
       geometry, threads, WorkspaceNeeds{},
       [&](Index b, Index p0, Index n, Index, Workspace<T>& space) {
         const Index offset = geometry.offset(b, 0, p0);
-        softmax_vjp_tile(probs + offset, geometry.P, dL_dq + offset, geometry.P,
+        QRLOSS_ISA::softmax_vjp_tile(probs + offset, geometry.P, dL_dq + offset, geometry.P,
                          dL_dx + offset, geometry.P, geometry.C, n,
                          space.sum.data(), space.pixel.data());
       });

@@ -76,10 +76,13 @@ struct RunResult {
 };
 
 // Runs qrloss with `args`, capturing stdout and stderr in files of `dir`.
-RunResult run_qrloss(const testing::TempDir& dir, const std::vector<std::string>& args) {
+// `environment` is prepended to the command, e.g. "QRLOSS_ISA=avx2 ".
+RunResult run_qrloss(const testing::TempDir& dir,
+                     const std::vector<std::string>& args,
+                     const std::string& environment = "") {
   const std::string out_path = dir.file("stdout.txt");
   const std::string err_path = dir.file("stderr.txt");
-  std::string command = shell_quote(qrloss_exe());
+  std::string command = environment + shell_quote(qrloss_exe());
   for (const std::string& arg : args) {
     command += " " + shell_quote(arg);
   }
@@ -307,6 +310,21 @@ TEST_SUITE("cli") {
     CHECK(outputs[2] == outputs[0]);
     CHECK(gradients[1] == gradients[0]);
     CHECK(gradients[2] == gradients[0]);
+  }
+
+  TEST_CASE("a bad QRLOSS_ISA is reported") {
+    QRLOSS_REQUIRE_EXE_();
+    testing::TempDir dir("qrloss_test_cli_");
+    const std::string probs = dir.file("probs.npy");
+    write_filled(probs, {2, 3}, 1.0 / 3.0);
+    const RunResult run =
+        run_qrloss(dir, {"eval", "--loss", "rq", "--probs", probs, "--target",
+                         probs},
+                   "QRLOSS_ISA=sse9 ");
+    CHECK(run.status != 0);
+    CHECK(run.err.find("QRLOSS_ISA") != std::string::npos);
+    CHECK(run.err.find("'sse9'") != std::string::npos);
+    CHECK(run.out.empty());
   }
 
   TEST_CASE("eval rejects bad input") {

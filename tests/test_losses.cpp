@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -315,6 +316,20 @@ double forward_difference(
 }  // namespace
 
 TEST_SUITE("losses") {
+  TEST_CASE("kernel variant follows QRLOSS_ISA") {
+    // tests/meson.build runs this suite with QRLOSS_ISA=baseline and =avx2;
+    // the cap may only lower the choice.
+    const std::string isa = qrloss::kernel_isa();
+    CHECK((isa == "baseline" || isa == "avx2" || isa == "avx512"));
+    const char* cap = std::getenv("QRLOSS_ISA");
+    if (cap != nullptr && std::string(cap) == "baseline") {
+      CHECK(isa == "baseline");
+    }
+    if (cap != nullptr && std::string(cap) == "avx2") {
+      CHECK(isa != "avx512");
+    }
+  }
+
   // -------------------------------------------------------------------------
   // A.1 Hand-computed values
   // -------------------------------------------------------------------------

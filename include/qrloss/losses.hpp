@@ -51,6 +51,15 @@ inline constexpr double kMaxEps = 1e20;
 /// Threshold below which RQ's per-pixel sum sum_c q*p/s_c is clamped.
 inline constexpr double kPixelSumFloor = 1e-12;
 
+/// Instruction set of the loss kernels that run in this process: "baseline"
+/// (x86-64 SSE2), "avx2" or "avx512". The default build compiles all three
+/// and picks the best the CPU supports at the first call; the environment
+/// variable QRLOSS_ISA=baseline|avx2|avx512 lowers that choice, for
+/// comparisons. Results can differ in the last bits between instruction
+/// sets (their vector log and exp differ), never between thread counts.
+/// @throws qrloss::invalid_argument if QRLOSS_ISA holds another value.
+const char* kernel_isa();
+
 /// Settings shared by all loss entry points.
 struct LossOptions {
   /// Added inside every log; must be 0 or in [kMinPositiveEps, kMaxEps].

@@ -176,14 +176,6 @@ Timing time_workload(const Workload& workload) {
                           : time_typed<double>(workload);
 }
 
-const char* simd_level() {
-#if defined(__AVX512F__)
-  return "avx512";
-#elif defined(__AVX2__)
-  return "avx2";
-#else
-  return "baseline";
-#endif
-}
+const char* simd_level() { return kernel_isa(); }
 
 }  // namespace qrloss::bench

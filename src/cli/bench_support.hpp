@@ -42,7 +42,7 @@ struct Timing {
 /// @throws qrloss::invalid_argument on a bad shape or repeat < 1.
 Timing time_workload(const Workload& workload);
 
-/// The -Dsimd build option the kernels were compiled with.
+/// The instruction set the loss kernels run with (qrloss::kernel_isa).
 const char* simd_level();
 
 }  // namespace qrloss::bench

@@ -3,10 +3,12 @@
 
 #include <algorithm>
 
+#include "detail/isa.hpp"
+#include "detail/lanes.hpp"
 #include "detail/passes.hpp"
 #include "detail/vmath.hpp"
 
-namespace qrloss::detail {
+namespace qrloss::detail::QRLOSS_ISA {
 
 /// Computes q = softmax(x) over C for n pixels. Row c of x starts at
 /// x + c * x_stride; row c of q at q + c * q_stride (aligned scratch).
@@ -80,4 +82,4 @@ void softmax_vjp_tile(const T* q, Index q_stride, const T* g, Index g_stride,
   }
 }
 
-}  // namespace qrloss::detail
+}  // namespace qrloss::detail::QRLOSS_ISA

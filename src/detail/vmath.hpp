@@ -15,11 +15,29 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "detail/isa.hpp"
 #include "detail/passes.hpp"
 
-namespace qrloss::detail {
+// sleef.h declares each function only when the compiler flags enable its
+// instruction set, which a `#pragma GCC target` region does not signal to
+// the preprocessor; so the variants declare what they call themselves.
+extern "C" {
+#if QRLOSS_ISA_LEVEL >= 2 && !defined(__AVX512F__)
+__m512 Sleef_logf16_u35avx512f(__m512);
+__m512 Sleef_expf16_u10avx512f(__m512);
+__m512d Sleef_logd8_u35avx512f(__m512d);
+__m512d Sleef_expd8_u10avx512f(__m512d);
+#elif QRLOSS_ISA_LEVEL == 1 && !defined(__AVX2__)
+__m256 Sleef_logf8_u35avx2(__m256);
+__m256 Sleef_expf8_u10avx2(__m256);
+__m256d Sleef_logd4_u35avx2(__m256d);
+__m256d Sleef_expd4_u10avx2(__m256d);
+#endif
+}
 
-#if defined(__AVX512F__)
+namespace qrloss::detail::QRLOSS_ISA {
+
+#if QRLOSS_ISA_LEVEL >= 2
 inline __m512 vlog_packet(__m512 x) { return Sleef_logf16_u35avx512f(x); }
 inline __m512 vexp_packet(__m512 x) { return Sleef_expf16_u10avx512f(x); }
 inline __m512d vlog_packet(__m512d x) { return Sleef_logd8_u35avx512f(x); }
@@ -29,7 +47,7 @@ inline __m512d vload(const double* p) { return _mm512_loadu_pd(p); }
 inline void vstore(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
 inline void vstore(double* p, __m512d x) { _mm512_storeu_pd(p, x); }
 inline constexpr Index kVectorBytes = 64;
-#elif defined(__AVX2__)
+#elif QRLOSS_ISA_LEVEL == 1
 inline __m256 vlog_packet(__m256 x) { return Sleef_logf8_u35avx2(x); }
 inline __m256 vexp_packet(__m256 x) { return Sleef_expf8_u10avx2(x); }
 inline __m256d vlog_packet(__m256d x) { return Sleef_logd4_u35avx2(x); }
@@ -53,10 +71,10 @@ inline void vstore(double* p, __m128d x) { _mm_storeu_pd(p, x); }
 inline constexpr Index kVectorBytes = 16;
 #endif
 
-#if defined(__AVX512F__)
+#if QRLOSS_ISA_LEVEL >= 2
 inline void vstream(float* p, __m512 x) { _mm512_stream_ps(p, x); }
 inline void vstream(double* p, __m512d x) { _mm512_stream_pd(p, x); }
-#elif defined(__AVX2__)
+#elif QRLOSS_ISA_LEVEL == 1
 inline void vstream(float* p, __m256 x) { _mm256_stream_ps(p, x); }
 inline void vstream(double* p, __m256d x) { _mm256_stream_pd(p, x); }
 #else
@@ -136,4 +154,4 @@ inline void exp_in_place(T* x, Index n) {
   apply_packets(x, x, n, T(0), [](auto v) { return vexp_packet(v); });
 }
 
-}  // namespace qrloss::detail
+}  // namespace qrloss::detail::QRLOSS_ISA

@@ -1,0 +1,84 @@
+#pragma once
+// Kernel variants per instruction set and the choice among them.
+//
+// With QRLOSS_DISPATCH (the default `simd=auto` build with GCC on x86-64)
+// the kernels are compiled three times: baseline x86-64 (SSE2), AVX2 + FMA
+// and AVX-512 (F, DQ, VL, BW), and each call runs the best variant the CPU
+// supports. The environment variable QRLOSS_ISA=baseline|avx2|avx512 caps
+// the choice (for tests and benchmarks). Other builds compile only the
+// baseline variant, with the build's own flags.
+
+#include "qrloss/losses.hpp"
+#include "qrloss/tensor.hpp"
+
+#ifndef QRLOSS_DISPATCH
+#define QRLOSS_DISPATCH 0
+#endif
+
+namespace qrloss::detail {
+
+#define QRLOSS_DECLARE_KERNELS_                                            \
+  template <typename T, bool kFromLogits>                                  \
+  double qr_impl(const char* function, const T* input, const T* target,    \
+                 T* grad, const Shape& shape, const LossOptions& options); \
+  template <typename T, bool kFromLogits>                                  \
+  double rq_impl(const char* function, const T* input, const T* target,    \
+                 T* grad, const Shape& shape, const LossOptions& options);
+
+namespace isa_base {
+QRLOSS_DECLARE_KERNELS_
+}
+#if QRLOSS_DISPATCH
+namespace isa_avx2 {
+QRLOSS_DECLARE_KERNELS_
+}
+namespace isa_avx512 {
+QRLOSS_DECLARE_KERNELS_
+}
+#endif
+
+#undef QRLOSS_DECLARE_KERNELS_
+
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+/// The variant that calls run: the best the CPU supports, capped by
+/// QRLOSS_ISA. Decided once per process.
+Isa active_isa();
+
+template <typename T, bool kFromLogits>
+double run_qr(const char* function, const T* input, const T* target, T* grad,
+              const Shape& shape, const LossOptions& options) {
+  switch (active_isa()) {
+#if QRLOSS_DISPATCH
+    case Isa::kAvx512:
+      return isa_avx512::qr_impl<T, kFromLogits>(function, input, target,
+                                                 grad, shape, options);
+    case Isa::kAvx2:
+      return isa_avx2::qr_impl<T, kFromLogits>(function, input, target, grad,
+                                               shape, options);
+#endif
+    default:
+      return isa_base::qr_impl<T, kFromLogits>(function, input, target, grad,
+                                               shape, options);
+  }
+}
+
+template <typename T, bool kFromLogits>
+double run_rq(const char* function, const T* input, const T* target, T* grad,
+              const Shape& shape, const LossOptions& options) {
+  switch (active_isa()) {
+#if QRLOSS_DISPATCH
+    case Isa::kAvx512:
+      return isa_avx512::rq_impl<T, kFromLogits>(function, input, target,
+                                                 grad, shape, options);
+    case Isa::kAvx2:
+      return isa_avx2::rq_impl<T, kFromLogits>(function, input, target, grad,
+                                               shape, options);
+#endif
+    default:
+      return isa_base::rq_impl<T, kFromLogits>(function, input, target, grad,
+                                               shape, options);
+  }
+}
+
+}  // namespace qrloss::detail

@@ -1,0 +1,626 @@
+#pragma once
+// The loss kernels, compiled once per instruction set: a translation unit
+// defines QRLOSS_ISA (the namespace of its variant) and, for a variant
+// other than the baseline, opens a `#pragma GCC target` region before
+// including this file. Everything here and in the ISA headers it includes
+// lives in namespace qrloss::detail::QRLOSS_ISA, so no inline function or
+// template instance is shared between variants; the standard library and
+// Eigen are included before the region (detail/kernel_prelude.hpp), so
+// their instances are the baseline ones in every variant.
+// docs/derivations.md derives every formula used here and describes the
+// passes.
+
+#include "detail/isa.hpp"
+#include "detail/lanes.hpp"
+#include "detail/softmax_tile.hpp"
+#include "detail/vmath.hpp"
+
+namespace qrloss::detail::QRLOSS_ISA {
+
+
+/// Everything validated about one call before the first parallel region.
+struct CallSetup {
+  const char* function = "";
+  Shape shape;
+  Geometry geometry;
+  ChunkPlan plan;
+  Index tile = 0;
+  int threads = 1;
+  double eps = 0.0;
+  bool check = true;
+  double inv_pixels = 0.0;  // 1/N
+};
+
+template <typename T>
+CallSetup setup_call(const char* function, const char* input_name,
+                     const T* input, const T* target, const T* grad,
+                     const char* grad_name, const Shape& shape,
+                     const LossOptions& options) {
+  // The shape is checked first: an empty std::vector may have a null
+  // data(), and "empty tensor" is then the accurate message.
+  CallSetup call;
+  call.function = function;
+  call.shape = shape;
+  call.geometry = make_geometry(function, input_name, shape, sizeof(T));
+  check_not_null(function, input_name, input);
+  check_not_null(function, "target", target);
+  check_eps(function, options.eps);
+  if (options.num_threads < 0) {
+    throw invalid_argument(std::string(function) +
+                           ": bad num_threads: expected >= 0, got " +
+                           std::to_string(options.num_threads));
+  }
+  if (grad != nullptr) {
+    const auto bytes =
+        static_cast<std::size_t>(call.geometry.num_elements()) * sizeof(T);
+    check_no_overlap(function, grad_name, grad, input_name, input, bytes);
+    check_no_overlap(function, grad_name, grad, "target", target, bytes);
+  }
+  call.plan = plan_chunks(call.geometry.num_pixels());
+  call.tile = tile_pixels(call.geometry.C);
+  call.threads = static_cast<int>(std::min<Index>(
+      resolve_threads(options.num_threads), call.plan.num_chunks));
+  call.eps = options.eps;
+  call.check = options.check_finite;
+  call.inv_pixels = 1.0 / static_cast<double>(call.geometry.num_pixels());
+  return call;
+}
+
+/// Rows of q for one tile: row c starts at base + c * stride.
+template <typename T>
+struct Rows {
+  const T* base;
+  Index stride;
+  const T* row(Index c) const { return base + c * stride; }
+};
+
+/// Provides q for a tile: the caller's probs, or the softmax of the logits
+/// computed into the thread's scratch. Scans logits when `log` is set;
+/// probs are checked by the pass's own sums (ChunkSums::add_checked).
+template <typename T, bool kFromLogits>
+Rows<T> load_probs(const Geometry& geometry, const T* input, Index b, Index p0,
+                   Index n, Index tile, Workspace<T>& space, Index chunk,
+                   BadIndexLog* log) {
+  const T* first = input + geometry.offset(b, 0, p0);
+  if constexpr (!kFromLogits) {
+    return {first, geometry.P};
+  } else {
+    const Flag<T> bad =
+        softmax_tile(first, geometry.P, geometry.C, n, space.q.data(), tile,
+                     space.pixel.data(), space.sum.data());
+    if (log != nullptr && bad != 0) {
+      for (Index c = 0; c < geometry.C; ++c) {
+        const Index row = geometry.offset(b, c, p0);
+        log_first_invalid(input + row, n, ValueRule::kFinite, row, chunk,
+                          *log);
+      }
+    }
+    return {space.q.data(), tile};
+  }
+}
+
+/// From logits, the first pass keeps q = softmax(x) in the caller's
+/// gradient buffer, which a later pass overwrites tile by tile after
+/// reading it back. Reading q costs one more stream of memory traffic; the
+/// softmax it replaces costs an exp per element and two sweeps over the
+/// classes, which is more on any machine whose cores are not starved of
+/// bandwidth.
+template <typename T>
+void cache_probs(const Geometry& geometry, const Rows<T>& probs, Index b,
+                 Index p0, Index n, T* grad) {
+  for (Index c = 0; c < geometry.C; ++c) {
+    stream_store(grad + geometry.offset(b, c, p0), probs.row(c), n);
+  }
+}
+
+/// The rows of q that cache_probs left in the gradient buffer.
+template <typename T>
+Rows<T> cached_probs(const Geometry& geometry, const T* grad, Index b,
+                     Index p0) {
+  return {grad + geometry.offset(b, 0, p0), geometry.P};
+}
+
+/// Adds a tile row of q to sum k; when q is the caller's probs and `log` is
+/// set, checks the row in the same loop.
+template <typename T, bool kFromLogits>
+void add_probs_row(ChunkSums& sums, Index k, const T* q, Index n,
+                   Index row_offset, Index chunk, BadIndexLog* log) {
+  if (kFromLogits || log == nullptr) {
+    sums.add(k, q, n);
+  } else if (!sums.add_checked(k, q, n, ValueRule::kNonNegative)) {
+    log_first_invalid(q, n, ValueRule::kNonNegative, row_offset, chunk, *log);
+  }
+}
+
+/// Runs tile_fn(b, p0, n) over the tiles of one chunk.
+template <typename TileFn>
+void for_each_tile_of_chunk(const CallSetup& call, Index chunk,
+                            TileFn&& tile_fn) {
+  const Index begin = chunk * call.plan.chunk_pixels;
+  const Index end =
+      std::min(begin + call.plan.chunk_pixels, call.geometry.num_pixels());
+  for_each_tile(call.geometry, begin, end, call.tile, tile_fn);
+}
+
+template <typename T>
+void raise_if_bad(const CallSetup& call, const char* tensor, const T* data,
+                  const BadIndexLog& log) {
+  const Index bad = log.first();
+  if (bad >= 0) {
+    throw_bad_value(call.function, tensor, data, bad, call.geometry,
+                    call.shape);
+  }
+}
+
+/// Final guard: valid input never gives NaN, but values near the top of the
+/// float range can overflow intermediate products.
+void raise_if_nan(const CallSetup& call, double value, const char* what) {
+  if (!std::isnan(value)) return;
+  throw invalid_argument(std::string(call.function) +
+                         ": non-finite result: " + what +
+                         " is NaN although the inputs passed validation; "
+                         "input magnitudes overflow the arithmetic, so "
+                         "rescale probs and target (or use a larger eps)");
+}
+
+/// Writes the gradient rows of a tile, computed in the thread's scratch, to
+/// the caller's buffer; from logits, chains them through eq. 7 first. The
+/// rows go out with streaming stores: the gradient is not read again in
+/// this pass, and skipping the read-for-ownership saves a third of the
+/// write traffic.
+template <typename T, bool kFromLogits>
+void store_gradient_tile(const Geometry& geometry, const Rows<T>& probs,
+                         Workspace<T>& space, Index L, Index b, Index p0,
+                         Index n, T* grad) {
+  T* rows = space.grad.data();
+  if constexpr (kFromLogits) {
+    softmax_vjp_tile(probs.base, probs.stride, rows, L, rows, L, geometry.C, n,
+                     space.sum.data(), space.pixel.data());
+  }
+  for (Index c = 0; c < geometry.C; ++c) {
+    stream_store(grad + geometry.offset(b, c, p0), rows + c * L, n);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// QR
+// ---------------------------------------------------------------------------
+
+template <typename T, bool kFromLogits>
+double qr_impl(const char* function, const T* input, const T* target, T* grad,
+               const Shape& shape, const LossOptions& options) {
+  const char* input_name = kFromLogits ? "logits" : "probs";
+  const CallSetup call =
+      setup_call(function, input_name, input, target, grad,
+                 kFromLogits ? "dL_dx" : "dL_dq", shape, options);
+  const Geometry& geometry = call.geometry;
+  const Index C = geometry.C;
+  const Index L = call.tile;
+  const bool eps_zero = call.eps == 0.0;
+  const T eps = static_cast<T>(call.eps);
+  WorkspaceNeeds needs;
+  needs.softmax = kFromLogits;
+  needs.grad_tile = grad != nullptr;
+  std::vector<Workspace<T>> spaces =
+      make_workspaces<T>(call.threads, C, L, needs);
+
+  // Pass 1: per-class sums of q and sum q log(p + eps), fused [eq. 1].
+  PartialSums partial(call.plan.num_chunks, C + 1);
+  BadIndexLog bad_input(call.plan.num_chunks);
+  BadIndexLog bad_target(call.plan.num_chunks);
+  run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
+    Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
+    ChunkSums sums(space.lanes.data(), C + 1, partial.chunk(chunk));
+    for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
+      const Rows<T> probs =
+          load_probs<T, kFromLogits>(geometry, input, b, p0, n, L, space, chunk,
+                                     call.check ? &bad_input : nullptr);
+      if (kFromLogits && grad != nullptr) {
+        cache_probs(geometry, probs, b, p0, n, grad);
+      }
+      T* log_p = space.tmp1.data();
+      for (Index c = 0; c < C; ++c) {
+        const T* q = probs.row(c);
+        const Index offset = geometry.offset(b, c, p0);
+        const T* p = target + offset;
+        if constexpr (!kFromLogits) prefetch_next(q, n);
+        prefetch_next(p, n);
+        add_probs_row<T, kFromLogits>(sums, c, q, n, offset, chunk,
+                                      call.check ? &bad_input : nullptr);
+        Flag<T> bad = 0;
+        QRLOSS_SIMD_LOOP_FLAGS
+        for (Index i = 0; i < n; ++i) {
+          log_p[i] = p[i] + eps;
+          bad |= invalid_flag(p[i], ValueRule::kNonNegative);
+        }
+        if (call.check && bad != 0) {
+          log_first_invalid(p, n, ValueRule::kNonNegative, offset, chunk,
+                            bad_target);
+        }
+        log_in_place(log_p, n);
+        if (eps_zero) {
+          // 0 * log(0) counts as 0; with eps > 0 the log is finite anyway.
+          for (Index i = 0; i < n; ++i) {
+            log_p[i] = q[i] > T(0) ? q[i] * log_p[i] : T(0);
+          }
+        } else {
+          for (Index i = 0; i < n; ++i) log_p[i] *= q[i];
+        }
+        sums.add(C, log_p, n);
+      }
+    });
+    sums.finish();
+    finish_streaming_stores();
+  });
+  raise_if_bad(call, input_name, input, bad_input);
+  raise_if_bad(call, "target", target, bad_target);
+
+  const std::vector<double> totals = partial.total();
+  ClassStats stats;
+  stats.sum_q.assign(totals.begin(), totals.begin() + C);
+  stats.num_pixels = static_cast<double>(geometry.num_pixels());
+  double loss = -totals[static_cast<std::size_t>(C)] / stats.num_pixels;
+  std::vector<T> class_term(static_cast<std::size_t>(C));
+  for (Index c = 0; c < C; ++c) {
+    const double qbar =
+        stats.sum_q[static_cast<std::size_t>(c)] / stats.num_pixels;
+    double h = std::log(call.eps);  // limit of h as qbar -> 0+ [eq. 2]
+    if (qbar > 0.0) {
+      loss += qbar * std::log(qbar + call.eps);
+      h = std::log(qbar + call.eps) + qbar / (qbar + call.eps);
+    }
+    class_term[static_cast<std::size_t>(c)] =
+        static_cast<T>(call.inv_pixels * h);
+  }
+  raise_if_nan(call, loss, "the loss");
+  if (grad == nullptr) return loss;
+  if (kFromLogits && std::isinf(loss)) {
+    // Every q = softmax(x) is > 0, so the loss is +inf on a whole
+    // neighbourhood of x and has no gradient; eq. 7 would give inf - inf.
+    throw invalid_argument(
+        std::string(function) +
+        ": infinite loss: target is 0 where probs > 0 and eps = 0, so the "
+        "gradient with respect to logits is undefined; use eps > 0");
+  }
+
+  // Pass 2: dL/dq = (1/N) (h_c - log(p + eps)) [eq. 2], chained to the
+  // logits per tile when the input is logits [eq. 7].
+  const T inv_pixels = static_cast<T>(call.inv_pixels);
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
+    Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
+    for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
+      Rows<T> probs{nullptr, 0};
+      if constexpr (kFromLogits) probs = cached_probs(geometry, grad, b, p0);
+      T* log_p = space.tmp1.data();
+      for (Index c = 0; c < C; ++c) {
+        const Index offset = geometry.offset(b, c, p0);
+        const T* p = target + offset;
+        T* out = space.grad.data() + c * L;
+        const T h = class_term[static_cast<std::size_t>(c)];
+        if constexpr (kFromLogits) prefetch_next(probs.row(c), n);
+        prefetch_next(p, n);
+        for (Index i = 0; i < n; ++i) log_p[i] = p[i] + eps;
+        log_in_place(log_p, n);
+        if (eps_zero) {
+          // With eps = 0 the loss is +inf for any q > 0 where p = 0.
+          for (Index i = 0; i < n; ++i) {
+            out[i] = p[i] > T(0) ? h - inv_pixels * log_p[i] : kInf;
+          }
+        } else {
+          for (Index i = 0; i < n; ++i) out[i] = h - inv_pixels * log_p[i];
+        }
+      }
+      store_gradient_tile<T, kFromLogits>(geometry, probs, space, L, b, p0, n,
+                                          grad);
+    });
+    finish_streaming_stores();
+  });
+  return loss;
+}
+
+// ---------------------------------------------------------------------------
+// RQ
+// ---------------------------------------------------------------------------
+
+template <typename T, bool kFromLogits>
+double rq_impl(const char* function, const T* input, const T* target, T* grad,
+               const Shape& shape, const LossOptions& options) {
+  const char* input_name = kFromLogits ? "logits" : "probs";
+  const CallSetup call =
+      setup_call(function, input_name, input, target, grad,
+                 kFromLogits ? "dL_dx" : "dL_dq", shape, options);
+  const Geometry& geometry = call.geometry;
+  const Index C = geometry.C;
+  const Index L = call.tile;
+  const bool eps_zero = call.eps == 0.0;
+  const bool want_grad = grad != nullptr;
+  const T eps = static_cast<T>(call.eps);
+  WorkspaceNeeds needs;
+  needs.softmax = kFromLogits;
+  needs.grad_tile = want_grad;
+  needs.rq_rows = true;
+  std::vector<Workspace<T>> spaces =
+      make_workspaces<T>(call.threads, C, L, needs);
+
+  // Pass 1: per-class sums S_c of q.
+  PartialSums class_sums(call.plan.num_chunks, C);
+  BadIndexLog bad_input(call.plan.num_chunks);
+  run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
+    Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
+    ChunkSums sums(space.lanes.data(), C, class_sums.chunk(chunk));
+    for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
+      const Rows<T> probs =
+          load_probs<T, kFromLogits>(geometry, input, b, p0, n, L, space, chunk,
+                                     call.check ? &bad_input : nullptr);
+      if (kFromLogits && want_grad) {
+        cache_probs(geometry, probs, b, p0, n, grad);
+      }
+      for (Index c = 0; c < C; ++c) {
+        const T* q = probs.row(c);
+        const Index offset = geometry.offset(b, c, p0);
+        if constexpr (!kFromLogits) prefetch_next(q, n);
+        add_probs_row<T, kFromLogits>(sums, c, q, n, offset, chunk,
+                                      call.check ? &bad_input : nullptr);
+      }
+    });
+    sums.finish();
+    finish_streaming_stores();
+  });
+  raise_if_bad(call, input_name, input, bad_input);
+
+  ClassStats stats;
+  stats.sum_q = class_sums.total();
+  stats.num_pixels = static_cast<double>(geometry.num_pixels());
+  std::vector<double> inv_s(static_cast<std::size_t>(C));
+  std::vector<T> inv_s_t(static_cast<std::size_t>(C));
+  std::vector<char> s_clamped(static_cast<std::size_t>(C));
+  for (Index c = 0; c < C; ++c) {
+    const double S = stats.sum_q[static_cast<std::size_t>(c)];
+    if (eps_zero && S == 0.0) {
+      throw invalid_argument(
+          std::string(function) + ": undefined loss: class " +
+          std::to_string(c) +
+          " has zero total probability over the batch and eps = 0, so "
+          "z = q / s_c is 0/0; use eps > 0");
+    }
+    const double s = std::max(S, call.eps);
+    s_clamped[static_cast<std::size_t>(c)] = S < call.eps;
+    inv_s[static_cast<std::size_t>(c)] = 1.0 / s;
+    inv_s_t[static_cast<std::size_t>(c)] = static_cast<T>(1.0 / s);
+  }
+
+  // Pass 2: per pixel t, r, a and abar; the loss and G_c; the per-pixel
+  // part of the gradient [eq. 3, eq. 4].
+  PartialSums partial(call.plan.num_chunks, C + 1);
+  BadIndexLog bad_target(call.plan.num_chunks);
+  const T inv_pixels = static_cast<T>(call.inv_pixels);
+  run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
+    Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
+    ChunkSums sums(space.lanes.data(), C + 1, partial.chunk(chunk));
+    for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
+      const Rows<T> probs =
+          kFromLogits && want_grad
+              ? cached_probs(geometry, grad, b, p0)
+              : load_probs<T, kFromLogits>(geometry, input, b, p0, n, L, space,
+                                           chunk, nullptr);
+      double* pixel_sum = space.sum.data();
+      double* abar = space.abar.data();
+      double* loss_sum = space.loss_sum.data();  // sum_c of the loss terms
+      T* clamped_sum = space.pixel.data();
+      T* inv_t = space.pixel_inverse.data();
+
+      // Per-pixel sum of u = q p / s_c, then its clamp.
+      std::fill(pixel_sum, pixel_sum + n, 0.0);
+      for (Index c = 0; c < C; ++c) {
+        const T* q = probs.row(c);
+        const Index offset = geometry.offset(b, c, p0);
+        const T* p = target + offset;
+        const T scale = inv_s_t[static_cast<std::size_t>(c)];
+        Flag<T> bad = 0;
+        QRLOSS_SIMD_LOOP_FLAGS
+        for (Index i = 0; i < n; ++i) {
+          pixel_sum[i] += static_cast<double>(q[i] * p[i] * scale);
+          bad |= invalid_flag(p[i], ValueRule::kNonNegative);
+        }
+        if (call.check && bad != 0) {
+          log_first_invalid(p, n, ValueRule::kNonNegative, offset, chunk,
+                            bad_target);
+        }
+      }
+      // w multiplies by 1/t; r divides u itself, so that a pixel with one
+      // nonzero u gets r = 1 exactly and its class terms cancel exactly.
+      // (GCC 12 leaves a loop scalar when it mixes a select with a
+      // double-to-float conversion, so the clamp has a loop of its own.)
+      QRLOSS_SIMD_LOOP
+      for (Index i = 0; i < n; ++i) {
+        abar[i] = pixel_sum[i] < kPixelSumFloor ? kPixelSumFloor : pixel_sum[i];
+      }
+      QRLOSS_SIMD_LOOP
+      for (Index i = 0; i < n; ++i) {
+        clamped_sum[i] = static_cast<T>(abar[i]);
+        inv_t[i] = static_cast<T>(1.0 / abar[i]);
+        abar[i] = 0.0;
+        loss_sum[i] = 0.0;
+      }
+
+      // r, the loss terms and abar = sum_c a_c r_c.
+      for (Index c = 0; c < C; ++c) {
+        const T* q = probs.row(c);
+        const T* p = target + geometry.offset(b, c, p0);
+        T* w = space.w.data() + c * L;
+        T* r = space.r.data() + c * L;
+        T* a = space.a.data() + c * L;
+        T* q_share = space.q_share.data() + c * L;
+        T* term = space.tmp2.data();
+        const T scale = inv_s_t[static_cast<std::size_t>(c)];
+        if (!eps_zero) {
+          // log(r + eps) - log(q + eps) = log1p(d), d = (r - q) / (q + eps).
+          // Where d >= -1/2 it is log(x) with x = fl(1 + d), plus the
+          // rounding error of x: log1p(d) = log(x) + (d - (x - 1)) / x,
+          // where x - 1 and d - (x - 1) are exact. That is exactly 0 at
+          // r = q and keeps the difference when r and q both lie far
+          // below eps. Where d < -1/2, 1 + d may round to 0, so x is the
+          // ratio (r + eps) / (q + eps) itself. One log per element.
+          T* x = space.tmp1.data();
+          T* log_x = space.tmp2.data();
+          T* d = a;  // a holds d until the loop below overwrites it
+          QRLOSS_SIMD_LOOP
+          for (Index i = 0; i < n; ++i) {
+            const T ri = q[i] * p[i] * scale / clamped_sum[i];
+            const T inverse = T(1) / (q[i] + eps);
+            const T di = (ri - q[i]) * inverse;
+            w[i] = p[i] * scale * inv_t[i];
+            r[i] = ri;
+            q_share[i] = q[i] * inverse;  // dL/dq's q / (q + eps)
+            d[i] = di;
+            x[i] = di >= T(-0.5) ? T(1) + di : (ri + eps) * inverse;
+          }
+          log_to(x, log_x, n);
+          QRLOSS_SIMD_LOOP
+          for (Index i = 0; i < n; ++i) {
+            const T inverse_r = T(1) / (r[i] + eps);
+            const T di = d[i];
+            // 1 / x = (q + eps) / (r + eps) to a few ulp; the correction
+            // itself is below one ulp of log(x), so that is ample.
+            const T correction = (di - (x[i] - T(1))) * (q[i] + eps) * inverse_r;
+            const T ratio =
+                di >= T(-0.5) ? log_x[i] + correction : log_x[i];
+            const T ai = ratio + r[i] * inverse_r;
+            a[i] = ai;
+            abar[i] += static_cast<double>(ai * r[i]);
+            loss_sum[i] += static_cast<double>(r[i] * ratio);
+          }
+        } else {
+          // With eps = 0, r log(r / q) = r log k with k = w, which stays
+          // finite as q -> 0; `a` stores log k here.
+          T* d_share = space.tmp1.data();  // r (log k + 1), or 0 where r = 0
+          QRLOSS_SIMD_LOOP
+          for (Index i = 0; i < n; ++i) {
+            w[i] = p[i] * scale * inv_t[i];
+            r[i] = q[i] * p[i] * scale / clamped_sum[i];
+          }
+          log_to(w, a, n);
+          QRLOSS_SIMD_LOOP
+          for (Index i = 0; i < n; ++i) {
+            const bool live = r[i] > T(0);
+            term[i] = live ? r[i] * a[i] : T(0);
+            d_share[i] = live ? r[i] * (a[i] + T(1)) : T(0);
+          }
+          QRLOSS_SIMD_LOOP
+          for (Index i = 0; i < n; ++i) {
+            loss_sum[i] += static_cast<double>(term[i]);
+            abar[i] += static_cast<double>(d_share[i]);
+          }
+        }
+      }
+      sums.add(0, loss_sum, n);
+      if (!want_grad) return;
+
+      // A clamped pixel sum is a constant, so no abar term flows through it.
+      T* abar_t = space.tmp1.data();
+      QRLOSS_SIMD_LOOP
+      for (Index i = 0; i < n; ++i) {
+        abar[i] = pixel_sum[i] < kPixelSumFloor ? 0.0 : abar[i];
+      }
+      QRLOSS_SIMD_LOOP
+      for (Index i = 0; i < n; ++i) abar_t[i] = static_cast<T>(abar[i]);
+
+      // G_c partial sums and the per-pixel gradient part [eq. 4].
+      for (Index c = 0; c < C; ++c) {
+        const T* w = space.w.data() + c * L;
+        const T* r = space.r.data() + c * L;
+        const T* a = space.a.data() + c * L;
+        const T* q_share = space.q_share.data() + c * L;
+        T* out = space.grad.data() + c * L;
+        T* term = space.tmp2.data();
+        if (!eps_zero) {
+          QRLOSS_SIMD_LOOP
+          for (Index i = 0; i < n; ++i) {
+            const T centred = a[i] - abar_t[i];
+            term[i] = r[i] * centred;
+            out[i] = inv_pixels * w[i] * (centred - q_share[i]);
+          }
+        } else {
+          QRLOSS_SIMD_LOOP
+          for (Index i = 0; i < n; ++i) {
+            const T centred = a[i] - abar_t[i];
+            term[i] = r[i] > T(0) ? r[i] * (centred + T(1)) : T(0);
+            out[i] = w[i] > T(0) ? inv_pixels * w[i] * centred : T(0);
+          }
+        }
+        sums.add(1 + c, term, n);
+      }
+      store_gradient_tile<T, kFromLogits>(geometry, probs, space, L, b, p0, n,
+                                          grad);
+    });
+    sums.finish();
+    finish_streaming_stores();
+  });
+  raise_if_bad(call, "target", target, bad_target);
+
+  const std::vector<double> totals = partial.total();
+  const double loss = call.inv_pixels * totals[0];
+  raise_if_nan(call, loss, "the loss");
+  if (!want_grad) return loss;
+
+  // Pass 3: the batch-wide term -G_c / s_c, which is 0 for a clamped s_c.
+  std::vector<T> class_term(static_cast<std::size_t>(C));
+  for (Index c = 0; c < C; ++c) {
+    const auto k = static_cast<std::size_t>(c);
+    const double G = call.inv_pixels * totals[k + 1];
+    raise_if_nan(call, G, "a class term of the gradient");
+    class_term[k] = s_clamped[k] ? T(0) : static_cast<T>(G * inv_s[k]);
+  }
+  run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
+    Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
+    for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
+      if constexpr (!kFromLogits) {
+        for (Index c = 0; c < C; ++c) {
+          T* out = grad + geometry.offset(b, c, p0);
+          const T term = class_term[static_cast<std::size_t>(c)];
+          for (Index i = 0; i < n; ++i) out[i] -= term;
+        }
+      } else {
+        // eq. 7 is linear in g, so the class term is chained separately:
+        // dx_c -= q_c (term_c - sum_k term_k q_k).
+        const Rows<T> probs = load_probs<T, true>(geometry, input, b, p0, n, L,
+                                                  space, chunk, nullptr);
+        double* dot = space.sum.data();
+        T* dot_t = space.pixel.data();
+        std::fill(dot, dot + n, 0.0);
+        for (Index c = 0; c < C; ++c) {
+          const T* q = probs.row(c);
+          const double term = double(class_term[static_cast<std::size_t>(c)]);
+          for (Index i = 0; i < n; ++i) dot[i] += term * double(q[i]);
+        }
+        for (Index i = 0; i < n; ++i) dot_t[i] = static_cast<T>(dot[i]);
+        for (Index c = 0; c < C; ++c) {
+          const T* q = probs.row(c);
+          T* out = grad + geometry.offset(b, c, p0);
+          const T term = class_term[static_cast<std::size_t>(c)];
+          for (Index i = 0; i < n; ++i) out[i] -= q[i] * (term - dot_t[i]);
+        }
+      }
+    });
+  });
+  return loss;
+}
+
+
+#define QRLOSS_INSTANTIATE_KERNELS_(T)                                       \
+  template double qr_impl<T, false>(const char*, const T*, const T*, T*,    \
+                                    const Shape&, const LossOptions&);      \
+  template double qr_impl<T, true>(const char*, const T*, const T*, T*,     \
+                                   const Shape&, const LossOptions&);       \
+  template double rq_impl<T, false>(const char*, const T*, const T*, T*,    \
+                                    const Shape&, const LossOptions&);      \
+  template double rq_impl<T, true>(const char*, const T*, const T*, T*,     \
+                                   const Shape&, const LossOptions&);
+
+QRLOSS_INSTANTIATE_KERNELS_(float)
+QRLOSS_INSTANTIATE_KERNELS_(double)
+
+#undef QRLOSS_INSTANTIATE_KERNELS_
+
+}  // namespace qrloss::detail::QRLOSS_ISA

@@ -1,0 +1,160 @@
+#pragma once
+// Tile iteration, fixed-order lane sums and input-value checks for the tile
+// loops. Part of the per-instruction-set code (see detail/kernels_body.hpp).
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "detail/isa.hpp"
+#include "detail/passes.hpp"
+
+namespace qrloss::detail::QRLOSS_ISA {
+
+/// Calls tile(b, first_pixel, length) for the tiles covering global pixels
+/// [begin, end), never crossing a batch item. It lives with the variant
+/// so that the tile body can be inlined into it.
+template <typename TileFn>
+void for_each_tile(const Geometry& geometry, Index begin, Index end,
+                   Index tile_length, TileFn&& tile) {
+  Index n = begin;
+  while (n < end) {
+    const Index b = n / geometry.P;
+    const Index pixel = n - b * geometry.P;
+    const Index item_end = std::min(end, (b + 1) * geometry.P);
+    const Index length = std::min(tile_length, item_end - n);
+    tile(b, pixel, length);
+    n += length;
+  }
+}
+
+/// Integer flag of the element's width: folding flags with | is a
+/// reduction the compiler vectorises without reassociating any
+/// floating-point sum.
+template <typename T>
+using Flag = std::conditional_t<sizeof(T) == 4, std::int32_t, std::int64_t>;
+
+/// Nonzero when v breaks the rule. NaN fails both comparisons.
+template <typename T>
+inline Flag<T> invalid_flag(T v, ValueRule rule) {
+  constexpr T kMax = std::numeric_limits<T>::max();
+  const T lowest = rule == ValueRule::kNonNegative ? T(0) : -kMax;
+  return static_cast<Flag<T>>(!(v >= lowest)) |
+         static_cast<Flag<T>>(!(v <= kMax));
+}
+
+
+/// Adds x[0, n) into lanes[0, kLanes).
+template <typename T>
+inline void accumulate_lanes(const T* x, Index n, double* lanes) {
+  Index i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lanes[j] += static_cast<double>(x[i + j]);
+  }
+  for (int j = 0; i + j < n; ++j) lanes[j] += static_cast<double>(x[i + j]);
+}
+
+/// Combines kLanes lanes in a fixed pairwise order.
+inline double reduce_lanes(const double* lanes) {
+  double tree[kLanes];
+  std::copy(lanes, lanes + kLanes, tree);
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) tree[j] += tree[j + width];
+  }
+  return tree[0];
+}
+
+/// Sums x[0, n) in double over the fixed lanes.
+template <typename T>
+inline double lane_sum(const T* x, Index n) {
+  double lanes[kLanes] = {};
+  accumulate_lanes(x, n, lanes);
+  return reduce_lanes(lanes);
+}
+
+/// Sums of one chunk: `width` sums of kLanes lanes each, kept in the
+/// thread's scratch across the tiles of the chunk and reduced once at the
+/// end, so a short tile row costs no reduction of its own.
+class ChunkSums {
+ public:
+  /// `lanes` holds width * kLanes doubles; `out` receives the width sums.
+  ChunkSums(double* lanes, Index width, double* out)
+      : lanes_(lanes), width_(width), out_(out) {
+    std::fill(lanes_, lanes_ + width_ * kLanes, 0.0);
+  }
+  template <typename T>
+  void add(Index k, const T* x, Index n) {
+    accumulate_lanes(x, n, lanes_ + k * kLanes);
+  }
+  /// add(), which also returns whether every x[i] satisfies the rule: one
+  /// read of the row instead of two.
+  template <typename T>
+  bool add_checked(Index k, const T* x, Index n, ValueRule rule) {
+    double* lanes = lanes_ + k * kLanes;
+    Flag<T> bad[kLanes] = {};
+    Index i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        lanes[j] += static_cast<double>(x[i + j]);
+        bad[j] |= invalid_flag(x[i + j], rule);
+      }
+    }
+    for (int j = 0; i + j < n; ++j) {
+      lanes[j] += static_cast<double>(x[i + j]);
+      bad[j] |= invalid_flag(x[i + j], rule);
+    }
+    Flag<T> any = 0;
+    for (int j = 0; j < kLanes; ++j) any |= bad[j];
+    return any == 0;
+  }
+  void finish() {
+    for (Index k = 0; k < width_; ++k) out_[k] = reduce_lanes(lanes_ + k * kLanes);
+  }
+
+ private:
+  double* lanes_;
+  Index width_;
+  double* out_;
+};
+
+/// True when every value of x[0, n) satisfies the rule.
+template <typename T>
+inline bool all_valid(const T* x, Index n, ValueRule rule) {
+  Flag<T> bad = 0;
+  for (Index i = 0; i < n; ++i) bad |= invalid_flag(x[i], rule);
+  return bad == 0;
+}
+
+/// Index of the first value of x[0, n) that breaks the rule, or -1.
+template <typename T>
+inline Index first_invalid(const T* x, Index n, ValueRule rule) {
+  for (Index i = 0; i < n; ++i) {
+    const T v = x[i];
+    const bool ok = rule == ValueRule::kNonNegative
+                        ? (v >= T(0) && std::isfinite(v))
+                        : std::isfinite(v);
+    if (!ok) return i;
+  }
+  return -1;
+}
+
+/// Logs the first element of a row that breaks the rule, if any; for rows
+/// that a fused loop has already flagged.
+template <typename T>
+inline void log_first_invalid(const T* row, Index length, ValueRule rule,
+                              Index row_offset, Index chunk,
+                              BadIndexLog& log) {
+  const Index i = first_invalid(row, length, rule);
+  if (i >= 0) log.record(chunk, row_offset + i);
+}
+
+/// Checks one class row of a tile and logs the first bad element.
+template <typename T>
+inline void scan_row(const T* row, Index length, ValueRule rule,
+                     Index row_offset, Index chunk, BadIndexLog& log) {
+  if (all_valid(row, length, rule)) return;
+  log_first_invalid(row, length, rule, row_offset, chunk, log);
+}
+
+}  // namespace qrloss::detail::QRLOSS_ISA
