@@ -1,4 +1,4 @@
-"""Checks that only the AVX2 and AVX-512 kernel variants hold AVX code.
+"""Checks that AVX code appears only in the AVX2 and AVX-512 kernel variants.
 
 The default build compiles the library for baseline x86-64 and adds kernel
 variants inside `#pragma GCC target` regions (src/kernels_avx*.cpp). If an

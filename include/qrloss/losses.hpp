@@ -57,7 +57,7 @@ inline constexpr double kPixelSumFloor = 1e-12;
 /// variable QRLOSS_ISA=baseline|avx2|avx512 lowers that choice, for
 /// comparisons. Results can differ in the last bits between instruction
 /// sets (their vector log and exp differ), never between thread counts.
-/// @throws qrloss::invalid_argument if QRLOSS_ISA holds another value.
+/// @throws qrloss::invalid_argument if QRLOSS_ISA is set to another value.
 const char* kernel_isa();
 
 /// Settings shared by all loss entry points.

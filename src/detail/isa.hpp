@@ -1,7 +1,7 @@
 #pragma once
 // Names the kernel variant being compiled. A translation unit that builds a
-// variant for another instruction set defines QRLOSS_ISA before including
-// any header that uses it (see detail/kernels_body.hpp); every other unit
+// variant for another instruction set defines QRLOSS_ISA before it includes
+// any header that uses it (see detail/kernels_body.hpp). Every other unit
 // gets the baseline variant, which uses the compiler flags of the build.
 
 #ifndef QRLOSS_ISA
@@ -29,8 +29,8 @@
 /// no result.
 #define QRLOSS_SIMD_LOOP _Pragma("omp simd")
 /// The same for a loop that also folds validity flags into `bad` with |.
-/// GCC 12 gets `ivdep` (its OpenMP reduction left such loops scalar inside
-/// a target pragma region); the integer | reduction is exact either way.
+/// GCC 12 gets `ivdep`, because its OpenMP reduction left such loops scalar
+/// inside a target pragma region. The integer | reduction is exact either way.
 #if defined(__clang__)
 #define QRLOSS_SIMD_LOOP_FLAGS _Pragma("omp simd reduction(|:bad)")
 #else

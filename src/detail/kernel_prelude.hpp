@@ -1,8 +1,8 @@
 #pragma once
 // Headers that every kernel variant needs and that must be parsed before a
-// `#pragma GCC target` region opens: instances of the standard library and
-// of Eigen then carry the build's baseline flags in every variant, so the
-// linker may pick any copy of them on any machine.
+// `#pragma GCC target` region opens. Instances of the standard library and
+// of Eigen then carry the build's baseline flags in every variant, so any
+// copy the linker picks runs on any machine.
 
 #include <immintrin.h>
 #include <omp.h>

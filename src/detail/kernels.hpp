@@ -41,8 +41,8 @@ QRLOSS_DECLARE_KERNELS_
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
 
-/// The variant that calls run: the best the CPU supports, capped by
-/// QRLOSS_ISA. Decided once per process.
+/// Returns the variant that runs the kernels: the best the CPU supports,
+/// capped by QRLOSS_ISA. Decided once per process.
 Isa active_isa();
 
 template <typename T, bool kFromLogits>

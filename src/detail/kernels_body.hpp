@@ -4,7 +4,7 @@
 // other than the baseline, opens a `#pragma GCC target` region before
 // including this file. Everything here and in the ISA headers it includes
 // lives in namespace qrloss::detail::QRLOSS_ISA, so no inline function or
-// template instance is shared between variants; the standard library and
+// template instance is shared between variants. The standard library and
 // Eigen are included before the region (detail/kernel_prelude.hpp), so
 // their instances are the baseline ones in every variant.
 // docs/derivations.md derives every formula used here and describes the
@@ -101,7 +101,7 @@ Rows<T> load_probs(const Geometry& geometry, const T* input, Index b, Index p0,
 
 /// From logits, the first pass keeps q = softmax(x) in the caller's
 /// gradient buffer, which a later pass overwrites tile by tile after
-/// reading it back. Reading q costs one more stream of memory traffic; the
+/// reading it back. Reading q costs one more stream of memory traffic. The
 /// softmax it replaces costs an exp per element and two sweeps over the
 /// classes, which is more on any machine whose cores are not starved of
 /// bandwidth.
@@ -120,8 +120,8 @@ Rows<T> cached_probs(const Geometry& geometry, const T* grad, Index b,
   return {grad + geometry.offset(b, 0, p0), geometry.P};
 }
 
-/// Adds a tile row of q to sum k; when q is the caller's probs and `log` is
-/// set, checks the row in the same loop.
+/// Adds a tile row of q to sum k. When q is the caller's probs and `log` is
+/// set, it also checks the row in the same loop.
 template <typename T, bool kFromLogits>
 void add_probs_row(ChunkSums& sums, Index k, const T* q, Index n,
                    Index row_offset, Index chunk, BadIndexLog* log) {
@@ -464,7 +464,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           // ratio (r + eps) / (q + eps) itself. One log per element.
           T* x = space.tmp1.data();
           T* log_x = space.tmp2.data();
-          T* d = a;  // a holds d until the loop below overwrites it
+          T* d = a;  // d is kept in a until the loop below overwrites it
           QRLOSS_SIMD_LOOP
           for (Index i = 0; i < n; ++i) {
             const T ri = q[i] * p[i] * scale / clamped_sum[i];

@@ -78,7 +78,7 @@ inline double lane_sum(const T* x, Index n) {
 /// end, so a short tile row costs no reduction of its own.
 class ChunkSums {
  public:
-  /// `lanes` holds width * kLanes doubles; `out` receives the width sums.
+  /// `lanes` points to width * kLanes doubles; `out` receives the width sums.
   ChunkSums(double* lanes, Index width, double* out)
       : lanes_(lanes), width_(width), out_(out) {
     std::fill(lanes_, lanes_ + width_ * kLanes, 0.0);

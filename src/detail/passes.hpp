@@ -128,7 +128,7 @@ enum class ValueRule { kNonNegative, kFinite };
 
 /// Lanes of the fixed-order sums: x[i] of a row goes to lane i % kLanes.
 /// 32 double lanes are four or more independent vector accumulators, which
-/// hide the latency of the adds; the compiler vectorises the lanes without
+/// hide the latency of the adds. The compiler vectorises the lanes without
 /// reassociating, so a sum depends neither on alignment nor on the
 /// instruction set.
 inline constexpr int kLanes = 32;

@@ -19,8 +19,8 @@
 #include "detail/passes.hpp"
 
 // sleef.h declares each function only when the compiler flags enable its
-// instruction set, which a `#pragma GCC target` region does not signal to
-// the preprocessor; so the variants declare what they call themselves.
+// instruction set, and a `#pragma GCC target` region does not signal that
+// to the preprocessor. So the variants declare what they call themselves.
 extern "C" {
 #if QRLOSS_ISA_LEVEL >= 2 && !defined(__AVX512F__)
 __m512 Sleef_logf16_u35avx512f(__m512);
@@ -98,7 +98,7 @@ inline void stream_store(T* dst, const T* src, Index n) {
 }
 
 /// Requests the cache lines of x[n, 2n) (the same row of the next tile) so
-/// that they arrive while this tile computes; without it the two cores of
+/// that they arrive while this tile computes. Without it, the two cores of
 /// the machine in docs/performance.md waited for memory and computed in
 /// turn. Prefetching two or three tiles ahead, or into L2 only, measured
 /// the same or worse.
