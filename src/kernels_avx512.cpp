@@ -1,5 +1,8 @@
 // AVX-512 (F, DQ, VL, BW) kernel variant, chosen at run time
 // (detail/kernels.hpp).
+// NOTE: RQ runs about 10 % slower here than in a -Dsimd=avx512 build on the
+// machine of docs/performance.md, with the same loops vectorised; the cause
+// is not known.
 
 #include "detail/kernel_prelude.hpp"
 #include "detail/kernels.hpp"

@@ -14,6 +14,9 @@
 #include "detail/workspace.hpp"
 #include "qrloss/error.hpp"
 
+// NOTE: softmax and softmax_vjp always run the baseline variant; only the
+// loss kernels have AVX2 and AVX-512 variants (detail/kernels.hpp).
+
 namespace qrloss {
 namespace detail {
 namespace {
