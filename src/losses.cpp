@@ -53,8 +53,9 @@ Isa choose_isa() {
     wanted = Isa::kAvx512;
   } else if (name != "baseline") {
     throw invalid_argument(
-        "qrloss: bad environment variable QRLOSS_ISA: expected baseline, "
-        "avx2 or avx512, got '" + name + "'");
+        "QRLOSS_ISA: invalid value '" + name +
+        "': expected baseline, avx2 or avx512 (or unset for the best the "
+        "CPU supports)");
   }
   return std::min(wanted, best);
 }

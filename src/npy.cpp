@@ -435,18 +435,27 @@ std::int64_t checked_byte_count(const char* function, const Shape& shape,
         format_shape(shape) + " has rank " + std::to_string(shape.size()) +
         "; at most " + std::to_string(kMaxRank) + " is supported");
   }
-  std::int64_t bytes = item_size;
+  // The element count comes first, in the same order as the reader forms
+  // it, so that every shape the reader accepts can be written back; a
+  // zero extent then makes the byte count 0 even after huge extents.
+  std::int64_t count = 1;
   for (const std::int64_t extent : shape) {
     if (extent < 0) {
       throw qrloss::invalid_argument(std::string(function) +
                                      ": negative extent: shape " +
                                      format_shape(shape));
     }
-    if (!checked_multiply(bytes, extent, &bytes)) {
+    if (!checked_multiply(count, extent, &count)) {
       throw qrloss::invalid_argument(
-          std::string(function) + ": size overflow: shape " +
-          format_shape(shape) + " has more bytes than int64 can count");
+          std::string(function) + ": size overflow: the element count of "
+          "shape " + format_shape(shape) + " does not fit in int64");
     }
+  }
+  std::int64_t bytes = 0;
+  if (!checked_multiply(count, item_size, &bytes)) {
+    throw qrloss::invalid_argument(
+        std::string(function) + ": size overflow: shape " +
+        format_shape(shape) + " has more bytes than int64 can count");
   }
   return bytes;
 }

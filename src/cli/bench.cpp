@@ -97,7 +97,12 @@ void add_bench_command(CLI::App& app) {
   auto settings = std::make_shared<BenchSettings>();
   CLI::App* bench = app.add_subcommand(
       "bench", "Time the loss and its gradient on synthetic inputs.");
-  bench->footer("");  // not the footer of the main command
+  bench->footer(
+      "Prints one JSON object: median_s (median time of loss plus gradient),\n"
+      "floor_s (a STREAM triad over as many elements, same threads),\n"
+      "ratio_to_floor, gbytes_per_s, simd (the kernel variant that ran), the\n"
+      "loss and the settings. The environment variable\n"
+      "QRLOSS_ISA=baseline|avx2|avx512 lowers the kernel variant.");
 
   bench
       ->add_option("--loss", settings->loss,
