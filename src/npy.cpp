@@ -435,9 +435,9 @@ std::int64_t checked_byte_count(const char* function, const Shape& shape,
         format_shape(shape) + " has rank " + std::to_string(shape.size()) +
         "; at most " + std::to_string(kMaxRank) + " is supported");
   }
-  // The element count comes first, in the same order as the reader forms
-  // it, so that every shape the reader accepts can be written back; a
-  // zero extent then makes the byte count 0 even after huge extents.
+  // The element count comes first, in the reader's order, so that every
+  // shape the reader accepts can be written back. A zero extent then makes
+  // the byte count 0 even after huge extents.
   std::int64_t count = 1;
   for (const std::int64_t extent : shape) {
     if (extent < 0) {

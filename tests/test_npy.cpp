@@ -168,8 +168,8 @@ TEST_SUITE("npy") {
 
   TEST_CASE("round trip of empty huge shape") {
     // The element count is 0, but the extents before the 0 multiply to
-    // 3.9e18, and with the item size to more than int64 holds; the writer
-    // once rejected that shape although the reader accepts it.
+    // 3.9e18, and times the item size to more than int64 can count. The
+    // writer once rejected that shape, although the reader accepts it.
     testing::TempDir dir("qrloss_test_npy_");
     const qrloss::Shape shape = {500000300, 80000, 615, 160, 0, 16};
     const std::string path = dir.file("empty.npy");
