@@ -1,8 +1,9 @@
 // AVX-512 (F, DQ, VL, BW) kernel variant, chosen at run time
 // (detail/kernels.hpp).
-// NOTE: RQ runs about 10 % slower here than in a -Dsimd=avx512 build on the
-// machine of docs/performance.md, with the same loops vectorised; the cause
-// is not known.
+// NOTE: RQ's second pass runs about 10 % slower here than in a -Dsimd=avx512
+// build on the machine of docs/performance.md, although its tile code is
+// instruction for instruction the same. Code placement is the likely cause:
+// -falign-loops=32 narrowed the gap to about 5 %, but slowed QR.
 
 #include "detail/kernel_prelude.hpp"
 #include "detail/kernels.hpp"
