@@ -227,17 +227,11 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
         prefetch_next(p, n);
         add_probs_row<T, kFromLogits>(sums, c, q, n, offset, chunk,
                                       call.check ? &bad_input : nullptr);
-        Flag<T> bad = 0;
-        QRLOSS_SIMD_LOOP_FLAGS
-        for (Index i = 0; i < n; ++i) {
-          log_p[i] = p[i] + eps;
-          bad |= invalid_flag(p[i], ValueRule::kNonNegative);
-        }
-        if (call.check && bad != 0) {
+        if (call.check && !all_valid(p, n, ValueRule::kNonNegative)) {
           log_first_invalid(p, n, ValueRule::kNonNegative, offset, chunk,
                             bad_target);
         }
-        log_in_place(log_p, n);
+        log_shifted(p, eps, log_p, n);
         if (eps_zero) {
           // 0 * log(0) counts as 0; with eps > 0 the log is finite anyway.
           for (Index i = 0; i < n; ++i) {
@@ -300,8 +294,7 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
         const T h = class_term[static_cast<std::size_t>(c)];
         if constexpr (kFromLogits) prefetch_next(probs.row(c), n);
         prefetch_next(p, n);
-        for (Index i = 0; i < n; ++i) log_p[i] = p[i] + eps;
-        log_in_place(log_p, n);
+        log_shifted(p, eps, log_p, n);
         if (eps_zero) {
           // With eps = 0 the loss is +inf for any q > 0 where p = 0.
           for (Index i = 0; i < n; ++i) {

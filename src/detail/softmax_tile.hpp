@@ -39,9 +39,7 @@ Flag<T> softmax_tile(const T* x, Index x_stride, Index C, Index n, T* q,
   for (Index c = 0; c < C; ++c) {
     T* out = q + c * q_stride;
     const T* row = x + c * x_stride;
-    QRLOSS_SIMD_LOOP
-    for (Index i = 0; i < n; ++i) out[i] = row[i] - pixel[i];
-    exp_in_place(out, n);
+    exp_difference(row, pixel, out, n);
     QRLOSS_SIMD_LOOP
     for (Index i = 0; i < n; ++i) sum[i] += static_cast<double>(out[i]);
   }

@@ -136,6 +136,28 @@ inline void apply_packets(const T* x, T* y, Index n, T pad,
   std::copy(tail, tail + (n - i), y + i);
 }
 
+/// Writes packet_fn(x[i], z[i]) to y[i] for i < n, in packets, as
+/// apply_packets does; the tail of x is padded with `pad_x` and that of z
+/// with `pad_z`.
+template <typename T, typename PacketFn>
+inline void apply_packets2(const T* x, const T* z, T* y, Index n, T pad_x,
+                           T pad_z, PacketFn packet_fn) {
+  constexpr Index kWidth = kVectorBytes / static_cast<Index>(sizeof(T));
+  Index i = 0;
+  for (; i + kWidth <= n; i += kWidth) {
+    vstore(y + i, packet_fn(vload(x + i), vload(z + i)));
+  }
+  if (i == n) return;
+  alignas(64) T tail_x[kWidth];
+  alignas(64) T tail_z[kWidth];
+  std::fill(tail_x, tail_x + kWidth, pad_x);
+  std::fill(tail_z, tail_z + kWidth, pad_z);
+  std::copy(x + i, x + n, tail_x);
+  std::copy(z + i, z + n, tail_z);
+  vstore(tail_x, packet_fn(vload(tail_x), vload(tail_z)));
+  std::copy(tail_x, tail_x + (n - i), y + i);
+}
+
 /// x[i] = log(x[i]) for i < n.
 template <typename T>
 inline void log_in_place(T* x, Index n) {
@@ -146,6 +168,21 @@ inline void log_in_place(T* x, Index n) {
 template <typename T>
 inline void log_to(const T* x, T* y, Index n) {
   apply_packets(x, y, n, T(1), [](auto v) { return vlog_packet(v); });
+}
+
+/// y[i] = log(x[i] + shift) for i < n. The add happens in the packet, with
+/// the same rounding as a scalar add, and saves a pass over y.
+template <typename T>
+inline void log_shifted(const T* x, T shift, T* y, Index n) {
+  apply_packets(x, y, n, T(1),
+                [shift](auto v) { return vlog_packet(v + shift); });
+}
+
+/// y[i] = exp(x[i] - z[i]) for i < n, with the subtraction in the packet.
+template <typename T>
+inline void exp_difference(const T* x, const T* z, T* y, Index n) {
+  apply_packets2(x, z, y, n, T(0), T(0),
+                 [](auto a, auto b) { return vexp_packet(a - b); });
 }
 
 /// x[i] = exp(x[i]) for i < n.
