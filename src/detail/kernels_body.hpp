@@ -237,10 +237,10 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
           for (Index i = 0; i < n; ++i) {
             log_p[i] = q[i] > T(0) ? q[i] * log_p[i] : T(0);
           }
+          sums.add(C, log_p, n);
         } else {
-          for (Index i = 0; i < n; ++i) log_p[i] *= q[i];
+          sums.add_products(C, q, log_p, n);
         }
-        sums.add(C, log_p, n);
       }
     });
     sums.finish();

@@ -87,6 +87,23 @@ class ChunkSums {
   void add(Index k, const T* x, Index n) {
     accumulate_lanes(x, n, lanes_ + k * kLanes);
   }
+  /// Adds the products x[i] * y[i], each rounded to T as a separate
+  /// multiplication would, to sum k.
+  template <typename T>
+  void add_products(Index k, const T* x, const T* y, Index n) {
+    double* lanes = lanes_ + k * kLanes;
+    Index i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const T product = x[i + j] * y[i + j];
+        lanes[j] += static_cast<double>(product);
+      }
+    }
+    for (int j = 0; i + j < n; ++j) {
+      const T product = x[i + j] * y[i + j];
+      lanes[j] += static_cast<double>(product);
+    }
+  }
   /// add(), which also returns whether every x[i] satisfies the rule: one
   /// read of the row instead of two.
   template <typename T>
