@@ -164,10 +164,12 @@ void raise_if_nan(const CallSetup& call, double value, const char* what) {
 }
 
 /// Writes the gradient rows of a tile, computed in the thread's scratch, to
-/// the caller's buffer; from logits, chains them through eq. 7 first. The
-/// rows go out with streaming stores: the gradient is not read again in
-/// this pass, and skipping the read-for-ownership saves a third of the
-/// write traffic.
+/// the caller's buffer; from logits, chains them through eq. 7 first. From
+/// probs the rows go out with streaming stores, which skip the
+/// read-for-ownership of lines that nothing reads again in this pass. From
+/// logits the tile has just read q from the same lines (cache_probs), so
+/// they are in cache and plain stores are cheaper (QR: 39 against 37 ms on
+/// the machine of docs/performance.md).
 template <typename T, bool kFromLogits>
 void store_gradient_tile(const Geometry& geometry, const Rows<T>& probs,
                          Workspace<T>& space, Index L, Index b, Index p0,
@@ -176,9 +178,14 @@ void store_gradient_tile(const Geometry& geometry, const Rows<T>& probs,
   if constexpr (kFromLogits) {
     softmax_vjp_tile(probs.base, probs.stride, rows, L, rows, L, geometry.C, n,
                      space.sum.data(), space.pixel.data());
-  }
-  for (Index c = 0; c < geometry.C; ++c) {
-    stream_store(grad + geometry.offset(b, c, p0), rows + c * L, n);
+    for (Index c = 0; c < geometry.C; ++c) {
+      std::copy(rows + c * L, rows + c * L + n,
+                grad + geometry.offset(b, c, p0));
+    }
+  } else {
+    for (Index c = 0; c < geometry.C; ++c) {
+      stream_store(grad + geometry.offset(b, c, p0), rows + c * L, n);
+    }
   }
 }
 
