@@ -599,6 +599,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           const T* q = probs.row(c);
           T* out = grad + geometry.offset(b, c, p0);
           const T term = class_term[static_cast<std::size_t>(c)];
+          prefetch_next(out, n);
           for (Index i = 0; i < n; ++i) out[i] -= q[i] * (term - dot_t[i]);
         }
       }
