@@ -46,18 +46,18 @@ Isa choose_isa() {
   const char* cap = std::getenv("QRLOSS_ISA");
   if (cap == nullptr || *cap == '\0') return best;
   const std::string name = cap;
-  Isa wanted = Isa::kBaseline;
+  Isa requested = Isa::kBaseline;
   if (name == "avx2") {
-    wanted = Isa::kAvx2;
+    requested = Isa::kAvx2;
   } else if (name == "avx512") {
-    wanted = Isa::kAvx512;
+    requested = Isa::kAvx512;
   } else if (name != "baseline") {
     throw invalid_argument(
         "QRLOSS_ISA: invalid value '" + name +
         "': expected baseline, avx2 or avx512 (or unset for the best the "
         "CPU supports)");
   }
-  return std::min(wanted, best);
+  return std::min(requested, best);
 }
 
 }  // namespace

@@ -154,10 +154,10 @@ void raise_if_bad(const CallSetup& call, const char* tensor, const T* data,
 
 /// Final guard: valid input never gives NaN, but values near the top of the
 /// float range can overflow intermediate products.
-void raise_if_nan(const CallSetup& call, double value, const char* what) {
+void raise_if_nan(const CallSetup& call, double value, const char* quantity) {
   if (!std::isnan(value)) return;
   throw invalid_argument(std::string(call.function) +
-                         ": non-finite result: " + what +
+                         ": non-finite result: " + quantity +
                          " is NaN although the inputs passed validation; "
                          "input magnitudes overflow the arithmetic, so "
                          "rescale probs and target (or use a larger eps)");
