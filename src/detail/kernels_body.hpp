@@ -168,20 +168,20 @@ void raise_if_nan(const CallSetup& call, double value, const char* quantity) {
 /// probs the rows go out with streaming stores, which skip the
 /// read-for-ownership of lines that nothing reads again in this pass. From
 /// logits the tile has just read q from the same lines (cache_probs), so
-/// they are in cache and plain stores are cheaper (QR: 39 against 37 ms on
-/// the machine of docs/performance.md).
+/// they are in cache, and the VJP writes dL/dx over q with plain stores
+/// (QR: 39 ms with streaming stores from scratch, 35 ms this way, on the
+/// machine of docs/performance.md).
 template <typename T, bool kFromLogits>
 void store_gradient_tile(const Geometry& geometry, const Rows<T>& probs,
                          Workspace<T>& space, Index L, Index b, Index p0,
                          Index n, T* grad) {
   T* rows = space.grad.data();
   if constexpr (kFromLogits) {
-    softmax_vjp_tile(probs.base, probs.stride, rows, L, rows, L, geometry.C, n,
-                     space.sum.data(), space.pixel.data());
-    for (Index c = 0; c < geometry.C; ++c) {
-      std::copy(rows + c * L, rows + c * L + n,
-                grad + geometry.offset(b, c, p0));
-    }
+    // dL/dx goes straight to the caller's rows, where q was read from: the
+    // VJP reads every q of a pixel before it writes that pixel.
+    softmax_vjp_tile(probs.base, probs.stride, rows, L,
+                     grad + geometry.offset(b, 0, p0), geometry.P, geometry.C,
+                     n, space.sum.data(), space.pixel.data());
   } else {
     for (Index c = 0; c < geometry.C; ++c) {
       stream_store(grad + geometry.offset(b, c, p0), rows + c * L, n);

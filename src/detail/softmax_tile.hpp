@@ -54,8 +54,9 @@ Flag<T> softmax_tile(const T* x, Index x_stride, Index C, Index n, T* q,
 }
 
 /// Writes dx_c = q_c * (g_c - sum_k g_k q_k) for n pixels. Rows are
-/// strided as in softmax_tile. `out` may be the same memory as `g`, since
-/// every g of a pixel is read before any of its outputs is written.
+/// strided as in softmax_tile. `out` may be the same memory as `g` or as
+/// `q`, since every g and q of a pixel is read before any of its outputs is
+/// written.
 /// `dot` (double) and `pixel` (T) are scratch of at least n entries.
 template <typename T>
 void softmax_vjp_tile(const T* q, Index q_stride, const T* g, Index g_stride,
