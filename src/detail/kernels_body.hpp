@@ -168,9 +168,9 @@ void raise_if_nan(const CallSetup& call, double value, const char* quantity) {
 /// probs the rows go out with streaming stores, which skip the
 /// read-for-ownership of lines that nothing reads again in this pass. From
 /// logits the tile has just read q from the same lines (cache_probs), so
-/// they are in cache, and the VJP writes dL/dx over q with plain stores
-/// (QR: 39 ms with streaming stores from scratch, 35 ms this way, on the
-/// machine of docs/performance.md).
+/// they are in cache. The VJP then writes dL/dx over q with plain stores:
+/// 35 ms for QR on the machine of docs/performance.md, against 39 ms with
+/// streaming stores from scratch.
 template <typename T, bool kFromLogits>
 void store_gradient_tile(const Geometry& geometry, const Rows<T>& probs,
                          Workspace<T>& space, Index L, Index b, Index p0,
@@ -234,9 +234,8 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
         prefetch_next(p, n);
         add_probs_row<T, kFromLogits>(sums, c, q, n, offset, chunk,
                                       call.check ? &bad_input : nullptr);
-        if (call.check && !all_valid(p, n, ValueRule::kNonNegative)) {
-          log_first_invalid(p, n, ValueRule::kNonNegative, offset, chunk,
-                            bad_target);
+        if (call.check) {
+          scan_row(p, n, ValueRule::kNonNegative, offset, chunk, bad_target);
         }
         log_shifted(p, eps, log_p, n);
         if (eps_zero) {
@@ -452,7 +451,6 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         T* r = space.r.data() + c * L;
         T* a = space.a.data() + c * L;
         T* q_share = space.q_share.data() + c * L;
-        T* term = space.tmp2.data();
         const T scale = inv_s_t[static_cast<std::size_t>(c)];
         if (!eps_zero) {
           // log(r + eps) - log(q + eps) = log1p(d), d = (r - q) / (q + eps).
@@ -494,6 +492,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         } else {
           // With eps = 0, r log(r / q) = r log k with k = w, which stays
           // finite as q -> 0; `a` stores log k here.
+          T* term = space.tmp2.data();
           T* d_share = space.tmp1.data();  // r (log k + 1), or 0 where r = 0
           QRLOSS_SIMD_LOOP
           for (Index i = 0; i < n; ++i) {

@@ -65,14 +65,6 @@ inline double reduce_lanes(const double* lanes) {
   return tree[0];
 }
 
-/// Sums x[0, n) in double over the fixed lanes.
-template <typename T>
-inline double lane_sum(const T* x, Index n) {
-  double lanes[kLanes] = {};
-  accumulate_lanes(x, n, lanes);
-  return reduce_lanes(lanes);
-}
-
 /// Sums of one chunk: `width` sums of kLanes lanes each, kept in the
 /// thread's scratch across the tiles of the chunk and reduced once at the
 /// end, so a short tile row costs no reduction of its own.

@@ -158,12 +158,6 @@ inline void apply_packets2(const T* x, const T* z, T* y, Index n, T pad_x,
   std::copy(tail_x, tail_x + (n - i), y + i);
 }
 
-/// x[i] = log(x[i]) for i < n.
-template <typename T>
-inline void log_in_place(T* x, Index n) {
-  apply_packets(x, x, n, T(1), [](auto v) { return vlog_packet(v); });
-}
-
 /// y[i] = log(x[i]) for i < n.
 template <typename T>
 inline void log_to(const T* x, T* y, Index n) {
@@ -183,12 +177,6 @@ template <typename T>
 inline void exp_difference(const T* x, const T* z, T* y, Index n) {
   apply_packets2(x, z, y, n, T(0), T(0),
                  [](auto a, auto b) { return vexp_packet(a - b); });
-}
-
-/// x[i] = exp(x[i]) for i < n.
-template <typename T>
-inline void exp_in_place(T* x, Index n) {
-  apply_packets(x, x, n, T(0), [](auto v) { return vexp_packet(v); });
 }
 
 }  // namespace qrloss::detail::QRLOSS_ISA
