@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "detail/isa.hpp"
 #include "detail/kernels.hpp"
 #include "detail/passes.hpp"
 #include "qrloss/error.hpp"
@@ -78,9 +79,11 @@ const char* kernel_isa() {
     case detail::Isa::kAvx2:
       return "avx2";
     default:
-#if defined(__AVX512F__)
+      // The baseline variant is compiled with the build's flags, which
+      // -Dsimd=avx2 or avx512 raise (detail/isa.hpp).
+#if QRLOSS_ISA_LEVEL == 2
       return "avx512";
-#elif defined(__AVX2__)
+#elif QRLOSS_ISA_LEVEL == 1
       return "avx2";
 #else
       return "baseline";
