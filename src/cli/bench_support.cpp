@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -28,13 +29,38 @@ double uniform_at(std::uint64_t counter) {
   return static_cast<double>(z >> 11) * 0x1.0p-53;
 }
 
+/// Allocates on 64-byte boundaries, as tensor libraries do (PyTorch's CPU
+/// allocator aligns to 64 bytes), so that the rows of a tile start where
+/// they would in a training loop.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(std::size_t n) {
+    return static_cast<T*>(
+        ::operator new(n * sizeof(T), std::align_val_t{64}));
+  }
+  void deallocate(T* p, std::size_t) {
+    ::operator delete(p, std::align_val_t{64});
+  }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+};
+
+template <typename T>
+using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
+
 template <typename T>
 struct Buffers {
-  std::vector<T> input;
-  std::vector<T> target;
-  std::vector<T> grad;
-  std::vector<T> triad_b;
-  std::vector<T> triad_c;
+  AlignedVector<T> input;
+  AlignedVector<T> target;
+  AlignedVector<T> grad;
+  AlignedVector<T> triad_b;
+  AlignedVector<T> triad_c;
 };
 
 /// Fills probs (or logits) and a prior. Values are written by the threads
@@ -94,8 +120,8 @@ double run_kernel(const Workload& workload, Buffers<T>& buffers,
 }
 
 template <typename T>
-void run_triad(std::vector<T>& a, const std::vector<T>& b,
-               const std::vector<T>& c, int threads) {
+void run_triad(AlignedVector<T>& a, const AlignedVector<T>& b,
+               const AlignedVector<T>& c, int threads) {
   const auto n = static_cast<std::int64_t>(a.size());
   const T scale = T(0.5);
 #pragma omp parallel for schedule(static) num_threads(threads)
