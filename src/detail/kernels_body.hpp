@@ -416,6 +416,8 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         const Index offset = geometry.offset(b, c, p0);
         const T* p = target + offset;
         const T scale = inv_s_t[static_cast<std::size_t>(c)];
+        prefetch_next(q, n);
+        prefetch_next(p, n);
         Flag<T> bad = 0;
         QRLOSS_SIMD_LOOP_FLAGS
         for (Index i = 0; i < n; ++i) {
