@@ -45,14 +45,19 @@ inline Flag<T> invalid_flag(T v, ValueRule rule) {
 }
 
 
-/// Adds x[0, n) into lanes[0, kLanes).
+/// Adds x[0, n) into lanes[0, kLanes). The lanes are copied to a local
+/// array for the loop: GCC keeps that one in registers, where it loads and
+/// stores the lanes through the pointer on every step.
 template <typename T>
 inline void accumulate_lanes(const T* x, Index n, double* lanes) {
+  double acc[kLanes];
+  std::copy(lanes, lanes + kLanes, acc);
   Index i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) lanes[j] += static_cast<double>(x[i + j]);
+    for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<double>(x[i + j]);
   }
-  for (int j = 0; i + j < n; ++j) lanes[j] += static_cast<double>(x[i + j]);
+  for (int j = 0; i + j < n; ++j) acc[j] += static_cast<double>(x[i + j]);
+  std::copy(acc, acc + kLanes, lanes);
 }
 
 /// Combines kLanes lanes in a fixed pairwise order.
@@ -84,35 +89,41 @@ class ChunkSums {
   template <typename T>
   void add_products(Index k, const T* x, const T* y, Index n) {
     double* lanes = lanes_ + k * kLanes;
+    double acc[kLanes];
+    std::copy(lanes, lanes + kLanes, acc);
     Index i = 0;
     for (; i + kLanes <= n; i += kLanes) {
       for (int j = 0; j < kLanes; ++j) {
         const T product = x[i + j] * y[i + j];
-        lanes[j] += static_cast<double>(product);
+        acc[j] += static_cast<double>(product);
       }
     }
     for (int j = 0; i + j < n; ++j) {
       const T product = x[i + j] * y[i + j];
-      lanes[j] += static_cast<double>(product);
+      acc[j] += static_cast<double>(product);
     }
+    std::copy(acc, acc + kLanes, lanes);
   }
   /// add(), which also returns whether every x[i] satisfies the rule: one
   /// read of the row instead of two.
   template <typename T>
   bool add_checked(Index k, const T* x, Index n, ValueRule rule) {
     double* lanes = lanes_ + k * kLanes;
+    double acc[kLanes];
+    std::copy(lanes, lanes + kLanes, acc);
     Flag<T> bad[kLanes] = {};
     Index i = 0;
     for (; i + kLanes <= n; i += kLanes) {
       for (int j = 0; j < kLanes; ++j) {
-        lanes[j] += static_cast<double>(x[i + j]);
+        acc[j] += static_cast<double>(x[i + j]);
         bad[j] |= invalid_flag(x[i + j], rule);
       }
     }
     for (int j = 0; i + j < n; ++j) {
-      lanes[j] += static_cast<double>(x[i + j]);
+      acc[j] += static_cast<double>(x[i + j]);
       bad[j] |= invalid_flag(x[i + j], rule);
     }
+    std::copy(acc, acc + kLanes, lanes);
     Flag<T> any = 0;
     for (int j = 0; j < kLanes; ++j) any |= bad[j];
     return any == 0;
