@@ -169,7 +169,7 @@ void check_values(const char* function, const char* tensor, const T* data,
   const ChunkPlan plan = plan_chunks(geometry.num_pixels());
   BadIndexLog log(plan.num_chunks);
   const Index tile = tile_pixels(geometry.C);
-  run_chunks(plan, threads, [&](Index chunk, int) {
+  QRLOSS_ISA::run_chunks(plan, threads, [&](Index chunk, int) {
     const Index begin = chunk * plan.chunk_pixels;
     const Index end =
         std::min(begin + plan.chunk_pixels, geometry.num_pixels());

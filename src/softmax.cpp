@@ -31,7 +31,7 @@ void for_each_pixel_tile(const Geometry& geometry, int threads,
   const int team = static_cast<int>(std::min<Index>(threads, plan.num_chunks));
   std::vector<Workspace<T>> spaces =
       make_workspaces<T>(team, geometry.C, L, needs);
-  run_chunks(plan, team, [&](Index chunk, int thread) {
+  QRLOSS_ISA::run_chunks(plan, team, [&](Index chunk, int thread) {
     const Index begin = chunk * plan.chunk_pixels;
     const Index end =
         std::min(begin + plan.chunk_pixels, geometry.num_pixels());

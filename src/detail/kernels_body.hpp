@@ -292,22 +292,21 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
     for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
       Rows<T> probs{nullptr, 0};
       if constexpr (kFromLogits) probs = cached_probs(geometry, grad, b, p0);
-      T* log_p = space.tmp1.data();
       for (Index c = 0; c < C; ++c) {
         const Index offset = geometry.offset(b, c, p0);
         const T* p = target + offset;
-        T* out = space.grad.data() + c * L;
+        T* out = space.grad.data() + c * L;  // log(p + eps), then dL/dq
         const T h = class_term[static_cast<std::size_t>(c)];
         if constexpr (kFromLogits) prefetch_next(probs.row(c), n);
         prefetch_next(p, n);
-        log_shifted(p, eps, log_p, n);
+        log_shifted(p, eps, out, n);
         if (eps_zero) {
           // With eps = 0 the loss is +inf for any q > 0 where p = 0.
           for (Index i = 0; i < n; ++i) {
-            out[i] = p[i] > T(0) ? h - inv_pixels * log_p[i] : kInf;
+            out[i] = p[i] > T(0) ? h - inv_pixels * out[i] : kInf;
           }
         } else {
-          for (Index i = 0; i < n; ++i) out[i] = h - inv_pixels * log_p[i];
+          for (Index i = 0; i < n; ++i) out[i] = h - inv_pixels * out[i];
         }
       }
       store_gradient_tile<T, kFromLogits>(geometry, probs, space, L, b, p0, n,

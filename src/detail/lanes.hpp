@@ -2,6 +2,8 @@
 // Tile iteration, fixed-order lane sums and input-value checks for the tile
 // loops. Part of the per-instruction-set code (see detail/kernels_body.hpp).
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -11,6 +13,21 @@
 #include "detail/passes.hpp"
 
 namespace qrloss::detail::QRLOSS_ISA {
+
+/// Runs body(chunk, thread) for every chunk of the plan on `threads` OpenMP
+/// threads. The body must not throw. It lives with the variant, like
+/// for_each_tile, so that the OpenMP region is compiled for the same
+/// instruction set as the pass body and inlines it. Baseline code cannot
+/// inline an AVX body, so each chunk was a call of its own.
+template <typename Body>
+void run_chunks(const ChunkPlan& plan, int threads, Body&& body) {
+  const int team = static_cast<int>(
+      std::min<Index>(static_cast<Index>(threads), plan.num_chunks));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team)
+  for (Index chunk = 0; chunk < plan.num_chunks; ++chunk) {
+    body(chunk, omp_get_thread_num());
+  }
+}
 
 /// Calls tile(b, first_pixel, length) for the tiles covering global pixels
 /// [begin, end), never crossing a batch item. It lives with the variant

@@ -111,18 +111,6 @@ inline Index tile_pixels(Index C) {
   return std::clamp<Index>(tile, kMinTile, kMaxTile) / kMinTile * kMinTile;
 }
 
-/// Runs body(chunk, thread) for every chunk of the plan on `threads` OpenMP
-/// threads. The body must not throw.
-template <typename Body>
-void run_chunks(const ChunkPlan& plan, int threads, Body&& body) {
-  const int team = static_cast<int>(
-      std::min<Index>(static_cast<Index>(threads), plan.num_chunks));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(team)
-  for (Index chunk = 0; chunk < plan.num_chunks; ++chunk) {
-    body(chunk, omp_get_thread_num());
-  }
-}
-
 /// Rule for the values an input may take.
 enum class ValueRule { kNonNegative, kFinite };
 
