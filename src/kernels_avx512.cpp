@@ -1,9 +1,9 @@
 // AVX-512 (F, DQ, VL, BW) kernel variant, chosen at run time
 // (detail/kernels.hpp).
-// NOTE: RQ's second pass runs about 10 % slower here than in a -Dsimd=avx512
-// build on the machine of docs/performance.md, although its tile code is
-// instruction for instruction the same. Code placement is the likely cause:
-// -falign-loops=32 narrowed the gap to about 5 %, but slowed QR.
+// NOTE: these kernels run 2.5 to 5 % slower than in a -Dsimd=avx512 build
+// on the machines of docs/performance.md, although their tile loops are
+// instruction for instruction the same. Code and data placement are the
+// likely causes, and no change tried so far helped every kernel.
 
 #include "detail/kernel_prelude.hpp"
 #include "detail/kernels.hpp"

@@ -30,8 +30,8 @@ double uniform_at(std::uint64_t counter) {
 }
 
 /// Allocates on 64-byte boundaries, as tensor libraries do (PyTorch's CPU
-/// allocator aligns to 64 bytes), so that the rows of a tile start where
-/// they would in a training loop.
+/// allocator uses c10::gAlignment = 64 outside mobile builds), so that the
+/// rows of a tile start where they would in a training loop.
 template <typename T>
 struct CacheLineAllocator {
   using value_type = T;

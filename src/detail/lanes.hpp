@@ -62,9 +62,9 @@ inline Flag<T> invalid_flag(T v, ValueRule rule) {
 }
 
 
-/// Adds x[0, n) into lanes[0, kLanes). The lanes are copied to a local
-/// array for the loop: GCC keeps that one in registers, where it loads and
-/// stores the lanes through the pointer on every step.
+/// Adds x[0, n) into lanes[0, kLanes). The loop runs on a local copy of
+/// the lanes because GCC keeps that in registers, while it loads and
+/// stores lanes reached through the pointer on every step.
 template <typename T>
 inline void accumulate_lanes(const T* x, Index n, double* lanes) {
   double acc[kLanes];
