@@ -529,6 +529,52 @@ TEST_SUITE("cli") {
     CHECK(entries == 5);  // probs, target, grad, stdout.txt, stderr.txt
   }
 
+  TEST_CASE("bench prints timing JSON") {
+    QRLOSS_REQUIRE_EXE_();
+    testing::TempDir dir("qrloss_test_cli_");
+
+    struct BenchCase {
+      std::vector<std::string> args;
+      const char* loss;
+      const char* input;
+      const char* dtype;
+    };
+    const std::vector<BenchCase> cases = {
+        {{"--loss", "qr", "--dtype", "float32"}, "qr", "probs", "float32"},
+        {{"--loss", "rq", "--from-logits", "--dtype", "float64"},
+         "rq",
+         "logits",
+         "float64"},
+    };
+    for (const BenchCase& bench_case : cases) {
+      std::vector<std::string> args = {"bench", "--shape", "2,3,5,7",
+                                        "--threads", "1", "--repeat", "3"};
+      args.insert(args.end(), bench_case.args.begin(), bench_case.args.end());
+      const RunResult run = run_qrloss(dir, args);
+      CAPTURE(run.err);
+      REQUIRE(run.status == 0);
+      const nlohmann::json output = nlohmann::json::parse(run.out);
+      CHECK(output.at("loss_name") == bench_case.loss);
+      CHECK(output.at("input") == bench_case.input);
+      CHECK(output.at("dtype") == bench_case.dtype);
+      CHECK(output.at("shape") == std::vector<int>{2, 3, 5, 7});
+      CHECK(output.at("threads") == 1);
+      CHECK(output.at("repeat") == 3);
+      CHECK(output.at("gradient") == true);
+      const std::string simd = output.at("simd");
+      CHECK((simd == "baseline" || simd == "avx2" || simd == "avx512"));
+
+      const double median = output.at("median_s");
+      const double floor = output.at("floor_s");
+      CHECK(median > 0.0);
+      CHECK(floor > 0.0);
+      CHECK(output.at("min_s").get<double>() <= median);
+      CHECK(output.at("ratio_to_floor").get<double>() ==
+            doctest::Approx(median / floor).epsilon(1e-12));
+      CHECK(std::isfinite(output.at("loss").get<double>()));
+    }
+  }
+
   TEST_CASE("help lists every option") {
     QRLOSS_REQUIRE_EXE_();
     testing::TempDir dir("qrloss_test_cli_");
