@@ -469,7 +469,6 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
             const T ri = q[i] * p[i] * scale / clamped_sum[i];
             const T inverse = T(1) / (q[i] + eps);
             const T di = (ri - q[i]) * inverse;
-            w[i] = p[i] * scale * inv_t[i];
             r[i] = ri;
             q_share[i] = q[i] * inverse;  // dL/dq's q / (q + eps)
             d[i] = di;
@@ -535,11 +534,16 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         T* out = space.grad.data() + c * L;
         T* term = space.tmp2.data();
         if (!eps_zero) {
+          // w = p / (s_c t) is formed here, from the target row still in
+          // cache, instead of going through scratch.
+          const T* p = target + geometry.offset(b, c, p0);
+          const T scale = inv_s_t[static_cast<std::size_t>(c)];
           QRLOSS_SIMD_LOOP
           for (Index i = 0; i < n; ++i) {
             const T centred = a[i] - abar_t[i];
+            const T wi = p[i] * scale * inv_t[i];
             term[i] = r[i] * centred;
-            out[i] = inv_pixels * w[i] * (centred - q_share[i]);
+            out[i] = inv_pixels * wi * (centred - q_share[i]);
           }
         } else {
           QRLOSS_SIMD_LOOP
