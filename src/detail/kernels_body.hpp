@@ -169,8 +169,8 @@ void raise_if_nan(const CallSetup& call, double value, const char* quantity) {
 /// read-for-ownership of lines that nothing reads again in this pass. From
 /// logits the tile has just read q from the same lines (cache_probs), so
 /// they are in cache. The VJP then writes dL/dx over q with plain stores:
-/// 35 ms for QR on the machine of docs/performance.md, against 39 ms with
-/// streaming stores from scratch.
+/// 35 ms for QR on the Intel Xeon of earlier measurements, against 39 ms
+/// with streaming stores from scratch.
 template <typename T, bool kFromLogits>
 void store_gradient_tile(const Geometry& geometry, const Rows<T>& probs,
                          Workspace<T>& space, Index L, Index b, Index p0,
@@ -230,8 +230,8 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
         const T* q = probs.row(c);
         const Index offset = geometry.offset(b, c, p0);
         const T* p = target + offset;
-        if constexpr (!kFromLogits) prefetch_next(q, n);
-        prefetch_next(p, n);
+        if constexpr (!kFromLogits) prefetch_ahead(q, n);
+        prefetch_ahead(p, n);
         add_probs_row<T, kFromLogits>(sums, c, q, n, offset, chunk,
                                       call.check ? &bad_input : nullptr);
         if (call.check) {
@@ -297,8 +297,8 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
         const T* p = target + offset;
         T* out = space.grad.data() + c * L;  // log(p + eps), then dL/dq
         const T h = class_term[static_cast<std::size_t>(c)];
-        if constexpr (kFromLogits) prefetch_next(probs.row(c), n);
-        prefetch_next(p, n);
+        if constexpr (kFromLogits) prefetch_ahead(probs.row(c), n);
+        prefetch_ahead(p, n);
         log_shifted(p, eps, out, n);
         if (eps_zero) {
           // With eps = 0 the loss is +inf for any q > 0 where p = 0.
@@ -357,7 +357,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
       for (Index c = 0; c < C; ++c) {
         const T* q = probs.row(c);
         const Index offset = geometry.offset(b, c, p0);
-        if constexpr (!kFromLogits) prefetch_next(q, n);
+        if constexpr (!kFromLogits) prefetch_ahead(q, n);
         add_probs_row<T, kFromLogits>(sums, c, q, n, offset, chunk,
                                       call.check ? &bad_input : nullptr);
       }
@@ -415,8 +415,8 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         const Index offset = geometry.offset(b, c, p0);
         const T* p = target + offset;
         const T scale = inv_s_t[static_cast<std::size_t>(c)];
-        prefetch_next(q, n);
-        prefetch_next(p, n);
+        prefetch_ahead(q, n);
+        prefetch_ahead(p, n);
         Flag<T> bad = 0;
         QRLOSS_SIMD_LOOP_FLAGS
         for (Index i = 0; i < n; ++i) {
@@ -448,7 +448,6 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
       for (Index c = 0; c < C; ++c) {
         const T* q = probs.row(c);
         const T* p = target + geometry.offset(b, c, p0);
-        T* w = space.w.data() + c * L;
         T* r = space.r.data() + c * L;
         T* a = space.a.data() + c * L;
         T* q_share = space.q_share.data() + c * L;
@@ -492,6 +491,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         } else {
           // With eps = 0, r log(r / q) = r log k with k = w, which stays
           // finite as q -> 0; `a` stores log k here.
+          T* w = space.w.data() + c * L;
           T* term = space.tmp2.data();
           T* d_share = space.tmp1.data();  // r (log k + 1), or 0 where r = 0
           QRLOSS_SIMD_LOOP
@@ -527,7 +527,6 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
 
       // G_c partial sums and the per-pixel gradient part [eq. 4].
       for (Index c = 0; c < C; ++c) {
-        const T* w = space.w.data() + c * L;
         const T* r = space.r.data() + c * L;
         const T* a = space.a.data() + c * L;
         const T* q_share = space.q_share.data() + c * L;
@@ -546,6 +545,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
             out[i] = inv_pixels * wi * (centred - q_share[i]);
           }
         } else {
+          const T* w = space.w.data() + c * L;
           QRLOSS_SIMD_LOOP
           for (Index i = 0; i < n; ++i) {
             const T centred = a[i] - abar_t[i];
@@ -603,7 +603,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           const T* q = probs.row(c);
           T* out = grad + geometry.offset(b, c, p0);
           const T term = class_term[static_cast<std::size_t>(c)];
-          prefetch_next(out, n);
+          prefetch_ahead(out, n);
           for (Index i = 0; i < n; ++i) out[i] -= q[i] * (term - dot_t[i]);
         }
       }

@@ -14,7 +14,7 @@ namespace qrloss::detail::QRLOSS_ISA {
 /// x + c * x_stride; row c of q at q + c * q_stride (aligned scratch).
 /// `pixel` (T) and `sum` (double) are scratch of at least n entries.
 /// Returns nonzero when some x is not finite (checked in the loop that
-/// reads x first), and prefetches the rows of the next tile.
+/// reads x first), and prefetches the rows two tiles ahead.
 template <typename T>
 Flag<T> softmax_tile(const T* x, Index x_stride, Index C, Index n, T* q,
                      Index q_stride, T* pixel, double* sum) {
@@ -25,10 +25,10 @@ Flag<T> softmax_tile(const T* x, Index x_stride, Index C, Index n, T* q,
     pixel[i] = x[i];
     bad |= invalid_flag(x[i], ValueRule::kFinite);
   }
-  prefetch_next(x, n);
+  prefetch_ahead(x, n);
   for (Index c = 1; c < C; ++c) {
     const T* row = x + c * x_stride;
-    prefetch_next(row, n);
+    prefetch_ahead(row, n);
     QRLOSS_SIMD_LOOP_FLAGS
     for (Index i = 0; i < n; ++i) {
       pixel[i] = pixel[i] < row[i] ? row[i] : pixel[i];

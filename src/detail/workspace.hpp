@@ -24,7 +24,7 @@ struct Workspace {
   AlignedVector<T> grad;     // C x L: dL/dq of a tile before the softmax VJP
   AlignedVector<T> a;        // C x L: RQ's dL/dr (or log k when eps = 0)
   AlignedVector<T> r;        // C x L: RQ's r
-  AlignedVector<T> w;        // C x L: RQ's p / (s_c t)
+  AlignedVector<T> w;        // C x L: RQ's p / (s_c t), kept when eps = 0
   AlignedVector<T> q_share;  // C x L: RQ 1 / (q + eps), then q / (q + eps)
   AlignedVector<T> tmp1;     // L
   AlignedVector<T> tmp2;     // L
