@@ -473,6 +473,15 @@ TEST_SUITE("cli") {
       CHECK_FALSE(fs::exists(grad));
       CHECK_FALSE(fs::exists(dir.file("no_such_dir")));
     }
+
+    // A value error from the library names the files behind its tensors.
+    const RunResult nan_run = run_qrloss(
+        dir, {"eval", "--loss", "qr", "--probs", probs_nan, "--target", target});
+    INFO("stderr: " << nan_run.err);
+    CHECK(nan_run.status == kExitUsage);
+    CHECK(nan_run.err.find("probs is nan at") != std::string::npos);
+    CHECK(nan_run.err.find("(--probs " + probs_nan + ", --target " + target +
+                           ")") != std::string::npos);
   }
 
   TEST_CASE("eval one class and 4096 classes") {

@@ -140,10 +140,18 @@ EvalResult run_eval(const EvalSettings& settings) {
   EvalResult result;
   result.shape = input.shape;
   result.dtype = input.dtype;
-  result.loss =
-      input.dtype == npy::DType::kFloat32
-          ? evaluate<float>(settings, kind, from_logits, input, target)
-          : evaluate<double>(settings, kind, from_logits, input, target);
+  try {
+    result.loss =
+        input.dtype == npy::DType::kFloat32
+            ? evaluate<float>(settings, kind, from_logits, input, target)
+            : evaluate<double>(settings, kind, from_logits, input, target);
+  } catch (const qrloss::invalid_argument& error) {
+    // The library names its tensors (probs, logits, target), but the user
+    // gave files, so the message names those too.
+    throw qrloss::invalid_argument(std::string(error.what()) + " (" +
+                                   input_option + " " + input_path +
+                                   ", --target " + settings.target_path + ")");
+  }
   return result;
 }
 
