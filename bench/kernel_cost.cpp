@@ -25,8 +25,10 @@ int main() {
   options.num_threads = 1;
   const char* names[] = {"QR loss",          "QR loss + gradient",
                          "RQ loss",          "RQ loss + gradient",
-                         "QR logits + grad", "RQ logits + grad"};
-  for (int kernel = 0; kernel < 6; ++kernel) {
+                         "QR logits + grad", "RQ logits + grad",
+                         "softmax",          "softmax_vjp"};
+  constexpr int kKernels = sizeof(names) / sizeof(names[0]);
+  for (int kernel = 0; kernel < kKernels; ++kernel) {
     double best = 1e30;
     for (int run = 0; run < 41; ++run) {
       const auto start = Clock::now();
@@ -48,8 +50,15 @@ int main() {
         case 4:
           qrloss::qr_loss_grad_from_logits(x, p, grad.data(), shape, options);
           break;
-        default:
+        case 5:
           qrloss::rq_loss_grad_from_logits(x, p, grad.data(), shape, options);
+          break;
+        case 6:
+          qrloss::softmax(x, grad.data(), shape, options.num_threads);
+          break;
+        default:
+          // probs serve as q and target as dL/dq, since any finite g will do.
+          qrloss::softmax_vjp(x, p, grad.data(), shape, options.num_threads);
       }
       best = std::min(
           best, std::chrono::duration<double>(Clock::now() - start).count());

@@ -3,43 +3,16 @@
 
 #include "qrloss/softmax.hpp"
 
-#include <algorithm>
 #include <cmath>
 #include <string>
-#include <vector>
 
-#include "detail/lanes.hpp"
+#include "detail/kernels.hpp"
 #include "detail/passes.hpp"
-#include "detail/softmax_tile.hpp"
-#include "detail/workspace.hpp"
 #include "qrloss/error.hpp"
-
-// NOTE: softmax and softmax_vjp always run the baseline variant; only the
-// loss kernels have AVX2 and AVX-512 variants (detail/kernels.hpp).
 
 namespace qrloss {
 namespace detail {
 namespace {
-
-/// Runs tile_fn(b, p0, n, space) over every tile of the tensor in
-/// parallel. Per-pixel work only, so any schedule gives the same bits.
-template <typename T, typename TileFn>
-void for_each_pixel_tile(const Geometry& geometry, int threads,
-                         WorkspaceNeeds needs, TileFn&& tile_fn) {
-  const ChunkPlan plan = plan_chunks(geometry.num_pixels());
-  const Index L = tile_pixels(geometry.C);
-  const int team = static_cast<int>(std::min<Index>(threads, plan.num_chunks));
-  std::vector<Workspace<T>> spaces =
-      make_workspaces<T>(team, geometry.C, L, needs);
-  QRLOSS_ISA::run_chunks(plan, team, [&](Index chunk, int thread) {
-    const Index begin = chunk * plan.chunk_pixels;
-    const Index end =
-        std::min(begin + plan.chunk_pixels, geometry.num_pixels());
-    QRLOSS_ISA::for_each_tile(geometry, begin, end, L, [&](Index b, Index p0, Index n) {
-      tile_fn(b, p0, n, L, spaces[static_cast<std::size_t>(thread)]);
-    });
-  });
-}
 
 void check_threads(const char* function, int num_threads) {
   if (num_threads >= 0) return;
@@ -65,19 +38,7 @@ void softmax(const T* logits, T* probs, const Shape& shape, int num_threads) {
   const int threads = resolve_threads(num_threads);
   check_values(function, "logits", logits, geometry, shape, ValueRule::kFinite,
                threads);
-  WorkspaceNeeds needs;
-  needs.softmax = true;
-  for_each_pixel_tile<T>(
-      geometry, threads, needs,
-      [&](Index b, Index p0, Index n, Index L, Workspace<T>& space) {
-        const Index offset = geometry.offset(b, 0, p0);
-        QRLOSS_ISA::softmax_tile(logits + offset, geometry.P, geometry.C, n, space.q.data(),
-                     L, space.pixel.data(), space.sum.data());
-        for (Index c = 0; c < geometry.C; ++c) {
-          std::copy(space.q.data() + c * L, space.q.data() + c * L + n,
-                    probs + offset + c * geometry.P);
-        }
-      });
+  run_softmax(logits, probs, geometry, threads);
 }
 
 template <typename T>
@@ -101,14 +62,7 @@ void softmax_vjp(const T* probs, const T* dL_dq, T* dL_dx, const Shape& shape,
                ValueRule::kNonNegative, threads);
   check_values(function, "dL_dq", dL_dq, geometry, shape, ValueRule::kFinite,
                threads);
-  for_each_pixel_tile<T>(
-      geometry, threads, WorkspaceNeeds{},
-      [&](Index b, Index p0, Index n, Index, Workspace<T>& space) {
-        const Index offset = geometry.offset(b, 0, p0);
-        QRLOSS_ISA::softmax_vjp_tile(probs + offset, geometry.P, dL_dq + offset, geometry.P,
-                         dL_dx + offset, geometry.P, geometry.C, n,
-                         space.sum.data(), space.pixel.data());
-      });
+  run_softmax_vjp(probs, dL_dq, dL_dx, geometry, threads);
 }
 
 template <typename T>

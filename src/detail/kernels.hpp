@@ -8,6 +8,7 @@
 // the choice (for tests and benchmarks). Other builds compile only the
 // baseline variant, with the build's own flags.
 
+#include "detail/passes.hpp"
 #include "qrloss/losses.hpp"
 #include "qrloss/tensor.hpp"
 
@@ -23,7 +24,13 @@ namespace qrloss::detail {
                  T* grad, const Shape& shape, const LossOptions& options); \
   template <typename T, bool kFromLogits>                                  \
   double rq_impl(const char* function, const T* input, const T* target,    \
-                 T* grad, const Shape& shape, const LossOptions& options);
+                 T* grad, const Shape& shape, const LossOptions& options); \
+  template <typename T>                                                    \
+  void softmax_impl(const T* logits, T* probs, const Geometry& geometry,   \
+                    int threads);                                          \
+  template <typename T>                                                    \
+  void softmax_vjp_impl(const T* probs, const T* dL_dq, T* dL_dx,          \
+                        const Geometry& geometry, int threads);
 
 namespace isa_base {
 QRLOSS_DECLARE_KERNELS_
@@ -78,6 +85,39 @@ double run_rq(const char* function, const T* input, const T* target, T* grad,
     default:
       return isa_base::rq_impl<T, kFromLogits>(function, input, target, grad,
                                                shape, options);
+  }
+}
+
+template <typename T>
+void run_softmax(const T* logits, T* probs, const Geometry& geometry,
+                 int threads) {
+  switch (active_isa()) {
+#if QRLOSS_DISPATCH
+    case Isa::kAvx512:
+      return isa_avx512::softmax_impl<T>(logits, probs, geometry, threads);
+    case Isa::kAvx2:
+      return isa_avx2::softmax_impl<T>(logits, probs, geometry, threads);
+#endif
+    default:
+      return isa_base::softmax_impl<T>(logits, probs, geometry, threads);
+  }
+}
+
+template <typename T>
+void run_softmax_vjp(const T* probs, const T* dL_dq, T* dL_dx,
+                     const Geometry& geometry, int threads) {
+  switch (active_isa()) {
+#if QRLOSS_DISPATCH
+    case Isa::kAvx512:
+      return isa_avx512::softmax_vjp_impl<T>(probs, dL_dq, dL_dx, geometry,
+                                             threads);
+    case Isa::kAvx2:
+      return isa_avx2::softmax_vjp_impl<T>(probs, dL_dq, dL_dx, geometry,
+                                           threads);
+#endif
+    default:
+      return isa_base::softmax_vjp_impl<T>(probs, dL_dq, dL_dx, geometry,
+                                           threads);
   }
 }
 

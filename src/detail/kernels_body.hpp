@@ -612,6 +612,61 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   return loss;
 }
 
+// ---------------------------------------------------------------------------
+// Softmax and its vector-Jacobian product over whole tensors
+// ---------------------------------------------------------------------------
+
+/// Runs tile_fn(b, p0, n, L, space) over every tile of the tensor in
+/// parallel. Per-pixel work only, so any schedule gives the same bits.
+template <typename T, typename TileFn>
+void for_each_pixel_tile(const Geometry& geometry, int threads,
+                         WorkspaceNeeds needs, TileFn&& tile_fn) {
+  const ChunkPlan plan = plan_chunks(geometry.num_pixels());
+  const Index L = tile_pixels(geometry.C);
+  const int team = static_cast<int>(std::min<Index>(threads, plan.num_chunks));
+  std::vector<Workspace<T>> spaces =
+      make_workspaces<T>(team, geometry.C, L, needs);
+  run_chunks(plan, team, [&](Index chunk, int thread) {
+    const Index begin = chunk * plan.chunk_pixels;
+    const Index end =
+        std::min(begin + plan.chunk_pixels, geometry.num_pixels());
+    for_each_tile(geometry, begin, end, L, [&](Index b, Index p0, Index n) {
+      tile_fn(b, p0, n, L, spaces[static_cast<std::size_t>(thread)]);
+    });
+  });
+}
+
+template <typename T>
+void softmax_impl(const T* logits, T* probs, const Geometry& geometry,
+                  int threads) {
+  WorkspaceNeeds needs;
+  needs.softmax = true;
+  for_each_pixel_tile<T>(
+      geometry, threads, needs,
+      [&](Index b, Index p0, Index n, Index L, Workspace<T>& space) {
+        const Index offset = geometry.offset(b, 0, p0);
+        softmax_tile(logits + offset, geometry.P, geometry.C, n,
+                     space.q.data(), L, space.pixel.data(), space.sum.data());
+        for (Index c = 0; c < geometry.C; ++c) {
+          std::copy(space.q.data() + c * L, space.q.data() + c * L + n,
+                    probs + offset + c * geometry.P);
+        }
+      });
+}
+
+template <typename T>
+void softmax_vjp_impl(const T* probs, const T* dL_dq, T* dL_dx,
+                      const Geometry& geometry, int threads) {
+  for_each_pixel_tile<T>(
+      geometry, threads, WorkspaceNeeds{},
+      [&](Index b, Index p0, Index n, Index, Workspace<T>& space) {
+        const Index offset = geometry.offset(b, 0, p0);
+        softmax_vjp_tile(probs + offset, geometry.P, dL_dq + offset,
+                         geometry.P, dL_dx + offset, geometry.P, geometry.C,
+                         n, space.sum.data(), space.pixel.data());
+      });
+}
+
 
 #define QRLOSS_INSTANTIATE_KERNELS_(T)                                       \
   template double qr_impl<T, false>(const char*, const T*, const T*, T*,    \
@@ -621,7 +676,10 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   template double rq_impl<T, false>(const char*, const T*, const T*, T*,    \
                                     const Shape&, const LossOptions&);      \
   template double rq_impl<T, true>(const char*, const T*, const T*, T*,     \
-                                   const Shape&, const LossOptions&);
+                                   const Shape&, const LossOptions&);       \
+  template void softmax_impl<T>(const T*, T*, const Geometry&, int);        \
+  template void softmax_vjp_impl<T>(const T*, const T*, T*, const Geometry&, \
+                                    int);
 
 QRLOSS_INSTANTIATE_KERNELS_(float)
 QRLOSS_INSTANTIATE_KERNELS_(double)
