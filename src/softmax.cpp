@@ -35,10 +35,8 @@ void softmax(const T* logits, T* probs, const Shape& shape, int num_threads) {
   const auto bytes =
       static_cast<std::size_t>(geometry.num_elements()) * sizeof(T);
   check_no_overlap(function, "probs", probs, "logits", logits, bytes);
-  const int threads = resolve_threads(num_threads);
-  check_values(function, "logits", logits, geometry, shape, ValueRule::kFinite,
-               threads);
-  run_softmax(logits, probs, geometry, threads);
+  run_softmax(function, logits, probs, geometry, shape,
+              resolve_threads(num_threads));
 }
 
 template <typename T>
@@ -57,12 +55,8 @@ void softmax_vjp(const T* probs, const T* dL_dq, T* dL_dx, const Shape& shape,
   if (dL_dx != dL_dq) {
     check_no_overlap(function, "dL_dx", dL_dx, "dL_dq", dL_dq, bytes);
   }
-  const int threads = resolve_threads(num_threads);
-  check_values(function, "probs", probs, geometry, shape,
-               ValueRule::kNonNegative, threads);
-  check_values(function, "dL_dq", dL_dq, geometry, shape, ValueRule::kFinite,
-               threads);
-  run_softmax_vjp(probs, dL_dq, dL_dx, geometry, threads);
+  run_softmax_vjp(function, probs, dL_dq, dL_dx, geometry, shape,
+                  resolve_threads(num_threads));
 }
 
 template <typename T>

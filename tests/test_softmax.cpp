@@ -502,6 +502,95 @@ TEST_SUITE("softmax") {
         "softmax_vjp: non-finite input: dL_dq is nan at (b=1,c=1,h=2,w=0)");
   }
 
+  TEST_CASE_TEMPLATE("softmax bad logit across chunks", T, float, double) {
+    // Over 8 chunks the logits are checked inside the softmax's loops, and
+    // the first bad value in memory order is still the one reported.
+    constexpr T kNaN = std::numeric_limits<T>::quiet_NaN();
+    constexpr T kInf = std::numeric_limits<T>::infinity();
+    const Shape shape{4, 3, 64, 64};
+    const std::int64_t P = 64 * 64;
+    std::vector<T> logits = testing::random_logits<T>(shape, 450);
+    logits[static_cast<std::size_t>((3 * 3 + 0) * P + 7)] = kNaN;
+    logits[static_cast<std::size_t>((1 * 3 + 2) * P + 4095)] = -kInf;
+    logits[static_cast<std::size_t>((1 * 3 + 1) * P + 4000)] = kInf;
+    std::vector<T> probs(logits.size());
+    for (int threads : {1, 2, 3}) {
+      CAPTURE(threads);
+      testing::check_invalid_argument(
+          [&] {
+            qrloss::softmax(logits.data(), probs.data(), shape, threads);
+          },
+          "softmax: non-finite input: logits is inf at (b=1,c=1,h=62,w=32)");
+    }
+  }
+
+  TEST_CASE_TEMPLATE("vjp bad values across chunks", T, float, double) {
+    // 4 x 3 x 64 x 64 is 16384 pixels, so 8 chunks of 2048 and many tiles:
+    // the checks inside the VJP's loops must still report the first bad
+    // value in memory order, and probs before dL_dq.
+    constexpr T kNaN = std::numeric_limits<T>::quiet_NaN();
+    const Shape shape{4, 3, 64, 64};
+    const std::int64_t P = 64 * 64;
+    const auto flat = [&](std::int64_t b, std::int64_t c, std::int64_t p) {
+      return static_cast<std::size_t>((b * 3 + c) * P + p);
+    };
+    const std::vector<T> probs = testing::random_simplex<T>(shape, 430);
+    const std::vector<T> dL_dq = testing::random_logits<T>(shape, 431);
+    std::vector<T> dL_dx(probs.size());
+
+    for (int threads : {1, 2, 3}) {
+      CAPTURE(threads);
+      // A later chunk and an earlier class row of a later tile: the smaller
+      // flat index, class 0 of pixel 3000 in item 2, is reported.
+      std::vector<T> bad_probs = probs;
+      bad_probs[flat(3, 0, 10)] = T(-1);
+      bad_probs[flat(2, 1, 5)] = T(-0.5);
+      bad_probs[flat(2, 0, 3000)] = T(-0.25);
+      testing::check_invalid_argument(
+          [&] {
+            qrloss::softmax_vjp(bad_probs.data(), dL_dq.data(), dL_dx.data(),
+                                shape, threads);
+          },
+          "softmax_vjp: negative input: probs is -0.25 at (b=2,c=0,h=46,"
+          "w=56), expected >= 0");
+
+      // dL_dq has a bad value earlier in memory than probs; probs is still
+      // the one reported.
+      std::vector<T> bad_grad = dL_dq;
+      bad_grad[flat(0, 0, 0)] = kNaN;
+      testing::check_invalid_argument(
+          [&] {
+            qrloss::softmax_vjp(bad_probs.data(), bad_grad.data(),
+                                dL_dx.data(), shape, threads);
+          },
+          "softmax_vjp: negative input: probs is -0.25 at (b=2,c=0,h=46,"
+          "w=56), expected >= 0");
+      testing::check_invalid_argument(
+          [&] {
+            qrloss::softmax_vjp(probs.data(), bad_grad.data(), dL_dx.data(),
+                                shape, threads);
+          },
+          "softmax_vjp: non-finite input: dL_dq is nan at (b=0,c=0,h=0,w=0)");
+    }
+  }
+
+  TEST_CASE_TEMPLATE("vjp in place bad value keeps dL_dq", T, float, double) {
+    // In place, dL_dq is also the output; a bad value in the last tile must
+    // be found before any pixel is overwritten.
+    constexpr T kInf = std::numeric_limits<T>::infinity();
+    const Shape shape{4, 3, 64, 64};
+    const std::vector<T> probs = testing::random_simplex<T>(shape, 440);
+    std::vector<T> grad = testing::random_logits<T>(shape, 441);
+    grad.back() = kInf;
+    const std::vector<T> before = grad;
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::softmax_vjp(probs.data(), grad.data(), grad.data(), shape);
+        },
+        "softmax_vjp: non-finite input: dL_dq is inf at (b=3,c=2,h=63,w=63)");
+    CHECK(testing::same_bits(grad, before));
+  }
+
   TEST_CASE_TEMPLATE("jacobian bad input rejected", T, float, double) {
     testing::check_invalid_argument(
         [&] { qrloss::softmax_jacobian<T>(Vector<T>()); },

@@ -15,7 +15,8 @@ namespace qrloss {
 /// accumulated in double. Shapes: logits and probs both `shape` (rank 2 or
 /// 4, row-major). probs must not overlap logits.
 /// @throws qrloss::invalid_argument on a bad shape, null or overlapping
-///   buffers, or non-finite logits (naming the first bad index).
+///   buffers, or non-finite logits (naming the first bad index). probs is
+///   unspecified after an exception.
 template <typename T>
 void softmax(const T* logits, T* probs, const Shape& shape,
              int num_threads = 0);
@@ -26,7 +27,9 @@ void softmax(const T* logits, T* probs, const Shape& shape,
 /// as dL_dq (each pixel is read fully before it is written) but must not
 /// overlap probs or overlap dL_dq partially. Cost O(B*C*H*W).
 /// @throws qrloss::invalid_argument on a bad shape, null or overlapping
-///   buffers, or non-finite values in probs or dL_dq.
+///   buffers, negative or non-finite probs, or non-finite dL_dq (naming
+///   the first bad index, in probs before dL_dq). dL_dq is left unchanged,
+///   also in place; dL_dx is unspecified after an exception.
 template <typename T>
 void softmax_vjp(const T* probs, const T* dL_dq, T* dL_dx, const Shape& shape,
                  int num_threads = 0);

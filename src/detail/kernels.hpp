@@ -26,11 +26,13 @@ namespace qrloss::detail {
   double rq_impl(const char* function, const T* input, const T* target,    \
                  T* grad, const Shape& shape, const LossOptions& options); \
   template <typename T>                                                    \
-  void softmax_impl(const T* logits, T* probs, const Geometry& geometry,   \
+  void softmax_impl(const char* function, const T* logits, T* probs,       \
+                    const Geometry& geometry, const Shape& shape,          \
                     int threads);                                          \
   template <typename T>                                                    \
-  void softmax_vjp_impl(const T* probs, const T* dL_dq, T* dL_dx,          \
-                        const Geometry& geometry, int threads);
+  void softmax_vjp_impl(const char* function, const T* probs,              \
+                        const T* dL_dq, T* dL_dx, const Geometry& geometry,  \
+                        const Shape& shape, int threads);
 
 namespace isa_base {
 QRLOSS_DECLARE_KERNELS_
@@ -88,36 +90,44 @@ double run_rq(const char* function, const T* input, const T* target, T* grad,
   }
 }
 
+/// Computes softmax over whole tensors in the active variant and checks
+/// the logits on the way (see softmax_impl).
 template <typename T>
-void run_softmax(const T* logits, T* probs, const Geometry& geometry,
-                 int threads) {
+void run_softmax(const char* function, const T* logits, T* probs,
+                 const Geometry& geometry, const Shape& shape, int threads) {
   switch (active_isa()) {
 #if QRLOSS_DISPATCH
     case Isa::kAvx512:
-      return isa_avx512::softmax_impl<T>(logits, probs, geometry, threads);
+      return isa_avx512::softmax_impl<T>(function, logits, probs, geometry,
+                                         shape, threads);
     case Isa::kAvx2:
-      return isa_avx2::softmax_impl<T>(logits, probs, geometry, threads);
+      return isa_avx2::softmax_impl<T>(function, logits, probs, geometry,
+                                       shape, threads);
 #endif
     default:
-      return isa_base::softmax_impl<T>(logits, probs, geometry, threads);
+      return isa_base::softmax_impl<T>(function, logits, probs, geometry,
+                                       shape, threads);
   }
 }
 
+/// Computes the softmax VJP over whole tensors in the active variant and
+/// checks probs and dL_dq on the way (see softmax_vjp_impl).
 template <typename T>
-void run_softmax_vjp(const T* probs, const T* dL_dq, T* dL_dx,
-                     const Geometry& geometry, int threads) {
+void run_softmax_vjp(const char* function, const T* probs, const T* dL_dq,
+                     T* dL_dx, const Geometry& geometry, const Shape& shape,
+                     int threads) {
   switch (active_isa()) {
 #if QRLOSS_DISPATCH
     case Isa::kAvx512:
-      return isa_avx512::softmax_vjp_impl<T>(probs, dL_dq, dL_dx, geometry,
-                                             threads);
+      return isa_avx512::softmax_vjp_impl<T>(function, probs, dL_dq, dL_dx,
+                                             geometry, shape, threads);
     case Isa::kAvx2:
-      return isa_avx2::softmax_vjp_impl<T>(probs, dL_dq, dL_dx, geometry,
-                                           threads);
+      return isa_avx2::softmax_vjp_impl<T>(function, probs, dL_dq, dL_dx,
+                                           geometry, shape, threads);
 #endif
     default:
-      return isa_base::softmax_vjp_impl<T>(probs, dL_dq, dL_dx, geometry,
-                                           threads);
+      return isa_base::softmax_vjp_impl<T>(function, probs, dL_dq, dL_dx,
+                                           geometry, shape, threads);
   }
 }
 

@@ -616,12 +616,11 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
 // Softmax and its vector-Jacobian product over whole tensors
 // ---------------------------------------------------------------------------
 
-/// Runs tile_fn(b, p0, n, L, space) over every tile of the tensor in
-/// parallel. Per-pixel work only, so any schedule gives the same bits.
+/// Runs tile_fn(chunk, b, p0, n, L, space) over every tile of the tensor
+/// in parallel. Per-pixel work only, so any schedule gives the same bits.
 template <typename T, typename TileFn>
-void for_each_pixel_tile(const Geometry& geometry, int threads,
-                         WorkspaceNeeds needs, TileFn&& tile_fn) {
-  const ChunkPlan plan = plan_chunks(geometry.num_pixels());
+void for_each_pixel_tile(const Geometry& geometry, const ChunkPlan& plan,
+                         int threads, WorkspaceNeeds needs, TileFn&& tile_fn) {
   const Index L = tile_pixels(geometry.C);
   const int team = static_cast<int>(std::min<Index>(threads, plan.num_chunks));
   std::vector<Workspace<T>> spaces =
@@ -631,42 +630,100 @@ void for_each_pixel_tile(const Geometry& geometry, int threads,
     const Index end =
         std::min(begin + plan.chunk_pixels, geometry.num_pixels());
     for_each_tile(geometry, begin, end, L, [&](Index b, Index p0, Index n) {
-      tile_fn(b, p0, n, L, spaces[static_cast<std::size_t>(thread)]);
+      tile_fn(chunk, b, p0, n, L, spaces[static_cast<std::size_t>(thread)]);
     });
   });
 }
 
+/// Logs the first element of each class row of a tile that breaks the
+/// rule. Called for a tile whose fused loop has raised a flag.
 template <typename T>
-void softmax_impl(const T* logits, T* probs, const Geometry& geometry,
-                  int threads) {
+void log_tile_rows(const Geometry& geometry, const T* data, Index b,
+                   Index p0, Index n, ValueRule rule, Index chunk,
+                   BadIndexLog& log) {
+  for (Index c = 0; c < geometry.C; ++c) {
+    const Index row = geometry.offset(b, c, p0);
+    log_first_invalid(data + row, n, rule, row, chunk, log);
+  }
+}
+
+/// The logits are checked in the softmax's first loop over them, so they
+/// are read once.
+template <typename T>
+void softmax_impl(const char* function, const T* logits, T* probs,
+                  const Geometry& geometry, const Shape& shape, int threads) {
+  const ChunkPlan plan = plan_chunks(geometry.num_pixels());
+  BadIndexLog bad_logits(plan.num_chunks);
   WorkspaceNeeds needs;
   needs.softmax = true;
   for_each_pixel_tile<T>(
-      geometry, threads, needs,
-      [&](Index b, Index p0, Index n, Index L, Workspace<T>& space) {
+      geometry, plan, threads, needs,
+      [&](Index chunk, Index b, Index p0, Index n, Index L,
+          Workspace<T>& space) {
         const Index offset = geometry.offset(b, 0, p0);
-        softmax_tile(logits + offset, geometry.P, geometry.C, n,
-                     space.q.data(), L, space.pixel.data(), space.sum.data());
+        const Flag<T> bad = softmax_tile(
+            logits + offset, geometry.P, geometry.C, n, space.q.data(), L,
+            space.pixel.data(), space.sum.data());
+        if (bad != 0) {
+          log_tile_rows(geometry, logits, b, p0, n, ValueRule::kFinite, chunk,
+                        bad_logits);
+        }
         for (Index c = 0; c < geometry.C; ++c) {
           std::copy(space.q.data() + c * L, space.q.data() + c * L + n,
                     probs + offset + c * geometry.P);
         }
       });
+  const Index first_bad = bad_logits.first();
+  if (first_bad >= 0) {
+    throw_bad_value(function, "logits", logits, first_bad, geometry, shape);
+  }
 }
 
+/// Unless dL_dx is dL_dq, probs and dL_dq are checked in the VJP's first
+/// loop over them, so they are read once. In place, a bad value found late
+/// would leave dL_dq partly overwritten, so both are scanned first.
 template <typename T>
-void softmax_vjp_impl(const T* probs, const T* dL_dq, T* dL_dx,
-                      const Geometry& geometry, int threads) {
+void softmax_vjp_impl(const char* function, const T* probs, const T* dL_dq,
+                      T* dL_dx, const Geometry& geometry, const Shape& shape,
+                      int threads) {
+  const bool in_place = dL_dx == dL_dq;
+  if (in_place) {
+    check_values(function, "probs", probs, geometry, shape,
+                 ValueRule::kNonNegative, threads);
+    check_values(function, "dL_dq", dL_dq, geometry, shape,
+                 ValueRule::kFinite, threads);
+  }
+  const ChunkPlan plan = plan_chunks(geometry.num_pixels());
+  BadIndexLog bad_probs(plan.num_chunks);
+  BadIndexLog bad_grad(plan.num_chunks);
   for_each_pixel_tile<T>(
-      geometry, threads, WorkspaceNeeds{},
-      [&](Index b, Index p0, Index n, Index, Workspace<T>& space) {
+      geometry, plan, threads, WorkspaceNeeds{},
+      [&](Index chunk, Index b, Index p0, Index n, Index,
+          Workspace<T>& space) {
         const Index offset = geometry.offset(b, 0, p0);
-        softmax_vjp_tile(probs + offset, geometry.P, dL_dq + offset,
-                         geometry.P, dL_dx + offset, geometry.P, geometry.C,
-                         n, space.sum.data(), space.pixel.data());
+        const Flag<T> bad = softmax_vjp_tile<true>(
+            probs + offset, geometry.P, dL_dq + offset, geometry.P,
+            dL_dx + offset, geometry.P, geometry.C, n, space.sum.data(),
+            space.pixel.data());
+        if (bad != 0) {
+          log_tile_rows(geometry, probs, b, p0, n, ValueRule::kNonNegative,
+                        chunk, bad_probs);
+          log_tile_rows(geometry, dL_dq, b, p0, n, ValueRule::kFinite, chunk,
+                        bad_grad);
+        }
       });
+  // probs is reported first, as a scan of probs before dL_dq would.
+  const Index first_bad_probs = bad_probs.first();
+  if (first_bad_probs >= 0) {
+    throw_bad_value(function, "probs", probs, first_bad_probs, geometry,
+                    shape);
+  }
+  const Index first_bad_grad = bad_grad.first();
+  if (first_bad_grad >= 0) {
+    throw_bad_value(function, "dL_dq", dL_dq, first_bad_grad, geometry,
+                    shape);
+  }
 }
-
 
 #define QRLOSS_INSTANTIATE_KERNELS_(T)                                       \
   template double qr_impl<T, false>(const char*, const T*, const T*, T*,    \
@@ -677,9 +734,10 @@ void softmax_vjp_impl(const T* probs, const T* dL_dq, T* dL_dx,
                                     const Shape&, const LossOptions&);      \
   template double rq_impl<T, true>(const char*, const T*, const T*, T*,     \
                                    const Shape&, const LossOptions&);       \
-  template void softmax_impl<T>(const T*, T*, const Geometry&, int);        \
-  template void softmax_vjp_impl<T>(const T*, const T*, T*, const Geometry&, \
-                                    int);
+  template void softmax_impl<T>(const char*, const T*, T*, const Geometry&, \
+                                const Shape&, int);                         \
+  template void softmax_vjp_impl<T>(const char*, const T*, const T*, T*,    \
+                                    const Geometry&, const Shape&, int);
 
 QRLOSS_INSTANTIATE_KERNELS_(float)
 QRLOSS_INSTANTIATE_KERNELS_(double)

@@ -57,18 +57,30 @@ Flag<T> softmax_tile(const T* x, Index x_stride, Index C, Index n, T* q,
 /// strided as in softmax_tile. `out` may be the same memory as `g` or as
 /// `q`, since every g and q of a pixel is read before any of its outputs is
 /// written.
-/// `dot` (double) and `pixel` (T) are scratch of at least n entries.
-template <typename T>
-void softmax_vjp_tile(const T* q, Index q_stride, const T* g, Index g_stride,
-                      T* out, Index out_stride, Index C, Index n, double* dot,
-                      T* pixel) {
+/// `dot` (double) and `pixel` (T) are scratch of at least n entries. With
+/// kCheck, returns nonzero when some q is negative or not finite or some g
+/// is not finite (checked in the loop that reads them first); else 0.
+template <bool kCheck = false, typename T>
+Flag<T> softmax_vjp_tile(const T* q, Index q_stride, const T* g,
+                         Index g_stride, T* out, Index out_stride, Index C,
+                         Index n, double* dot, T* pixel) {
   std::fill(dot, dot + n, 0.0);
+  Flag<T> bad = 0;
   for (Index c = 0; c < C; ++c) {
     const T* qr = q + c * q_stride;
     const T* gr = g + c * g_stride;
-    QRLOSS_SIMD_LOOP
-    for (Index i = 0; i < n; ++i) {
-      dot[i] += static_cast<double>(gr[i]) * static_cast<double>(qr[i]);
+    if constexpr (kCheck) {
+      QRLOSS_SIMD_LOOP_FLAGS
+      for (Index i = 0; i < n; ++i) {
+        dot[i] += static_cast<double>(gr[i]) * static_cast<double>(qr[i]);
+        bad |= invalid_flag(qr[i], ValueRule::kNonNegative) |
+               invalid_flag(gr[i], ValueRule::kFinite);
+      }
+    } else {
+      QRLOSS_SIMD_LOOP
+      for (Index i = 0; i < n; ++i) {
+        dot[i] += static_cast<double>(gr[i]) * static_cast<double>(qr[i]);
+      }
     }
   }
   QRLOSS_SIMD_LOOP
@@ -79,6 +91,7 @@ void softmax_vjp_tile(const T* q, Index q_stride, const T* g, Index g_stride,
     T* dst = out + c * out_stride;
     for (Index i = 0; i < n; ++i) dst[i] = qr[i] * (gr[i] - pixel[i]);
   }
+  return bad;
 }
 
 }  // namespace qrloss::detail::QRLOSS_ISA
