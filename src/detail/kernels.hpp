@@ -44,6 +44,11 @@ QRLOSS_DECLARE_KERNELS_
 namespace isa_avx512 {
 QRLOSS_DECLARE_KERNELS_
 }
+#else
+// Without dispatch the baseline variant is the only one, and active_isa()
+// never selects another; the aliases let the run_ functions name all three.
+namespace isa_avx2 = isa_base;
+namespace isa_avx512 = isa_base;
 #endif
 
 #undef QRLOSS_DECLARE_KERNELS_
@@ -54,40 +59,35 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
 /// capped by QRLOSS_ISA. Decided once per process.
 Isa active_isa();
 
+/// Returns the one of three variants of a kernel that active_isa() selects.
+template <typename Kernel>
+Kernel select_variant(Kernel baseline, Kernel avx2, Kernel avx512) {
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      return avx512;
+    case Isa::kAvx2:
+      return avx2;
+    default:
+      return baseline;
+  }
+}
+
 template <typename T, bool kFromLogits>
 double run_qr(const char* function, const T* input, const T* target, T* grad,
               const Shape& shape, const LossOptions& options) {
-  switch (active_isa()) {
-#if QRLOSS_DISPATCH
-    case Isa::kAvx512:
-      return isa_avx512::qr_impl<T, kFromLogits>(function, input, target,
-                                                 grad, shape, options);
-    case Isa::kAvx2:
-      return isa_avx2::qr_impl<T, kFromLogits>(function, input, target, grad,
-                                               shape, options);
-#endif
-    default:
-      return isa_base::qr_impl<T, kFromLogits>(function, input, target, grad,
-                                               shape, options);
-  }
+  const auto kernel = select_variant(&isa_base::qr_impl<T, kFromLogits>,
+                                     &isa_avx2::qr_impl<T, kFromLogits>,
+                                     &isa_avx512::qr_impl<T, kFromLogits>);
+  return kernel(function, input, target, grad, shape, options);
 }
 
 template <typename T, bool kFromLogits>
 double run_rq(const char* function, const T* input, const T* target, T* grad,
               const Shape& shape, const LossOptions& options) {
-  switch (active_isa()) {
-#if QRLOSS_DISPATCH
-    case Isa::kAvx512:
-      return isa_avx512::rq_impl<T, kFromLogits>(function, input, target,
-                                                 grad, shape, options);
-    case Isa::kAvx2:
-      return isa_avx2::rq_impl<T, kFromLogits>(function, input, target, grad,
-                                               shape, options);
-#endif
-    default:
-      return isa_base::rq_impl<T, kFromLogits>(function, input, target, grad,
-                                               shape, options);
-  }
+  const auto kernel = select_variant(&isa_base::rq_impl<T, kFromLogits>,
+                                     &isa_avx2::rq_impl<T, kFromLogits>,
+                                     &isa_avx512::rq_impl<T, kFromLogits>);
+  return kernel(function, input, target, grad, shape, options);
 }
 
 /// Computes softmax over whole tensors in the active variant and checks
@@ -95,19 +95,10 @@ double run_rq(const char* function, const T* input, const T* target, T* grad,
 template <typename T>
 void run_softmax(const char* function, const T* logits, T* probs,
                  const Geometry& geometry, const Shape& shape, int threads) {
-  switch (active_isa()) {
-#if QRLOSS_DISPATCH
-    case Isa::kAvx512:
-      return isa_avx512::softmax_impl<T>(function, logits, probs, geometry,
-                                         shape, threads);
-    case Isa::kAvx2:
-      return isa_avx2::softmax_impl<T>(function, logits, probs, geometry,
-                                       shape, threads);
-#endif
-    default:
-      return isa_base::softmax_impl<T>(function, logits, probs, geometry,
-                                       shape, threads);
-  }
+  const auto kernel =
+      select_variant(&isa_base::softmax_impl<T>, &isa_avx2::softmax_impl<T>,
+                     &isa_avx512::softmax_impl<T>);
+  kernel(function, logits, probs, geometry, shape, threads);
 }
 
 /// Computes the softmax VJP over whole tensors in the active variant and
@@ -116,19 +107,10 @@ template <typename T>
 void run_softmax_vjp(const char* function, const T* probs, const T* dL_dq,
                      T* dL_dx, const Geometry& geometry, const Shape& shape,
                      int threads) {
-  switch (active_isa()) {
-#if QRLOSS_DISPATCH
-    case Isa::kAvx512:
-      return isa_avx512::softmax_vjp_impl<T>(function, probs, dL_dq, dL_dx,
-                                             geometry, shape, threads);
-    case Isa::kAvx2:
-      return isa_avx2::softmax_vjp_impl<T>(function, probs, dL_dq, dL_dx,
-                                           geometry, shape, threads);
-#endif
-    default:
-      return isa_base::softmax_vjp_impl<T>(function, probs, dL_dq, dL_dx,
-                                           geometry, shape, threads);
-  }
+  const auto kernel = select_variant(&isa_base::softmax_vjp_impl<T>,
+                                     &isa_avx2::softmax_vjp_impl<T>,
+                                     &isa_avx512::softmax_vjp_impl<T>);
+  kernel(function, probs, dL_dq, dL_dx, geometry, shape, threads);
 }
 
 }  // namespace qrloss::detail
