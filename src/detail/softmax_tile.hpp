@@ -57,9 +57,10 @@ Flag<T> softmax_tile(const T* x, Index x_stride, Index C, Index n, T* q,
 /// strided as in softmax_tile. `out` may be the same memory as `g` or as
 /// `q`, since every g and q of a pixel is read before any of its outputs is
 /// written.
-/// `dot` (double) and `pixel` (T) are scratch of at least n entries. With
-/// kCheck, returns nonzero when some q is negative or not finite or some g
-/// is not finite (checked in the loop that reads them first); else 0.
+/// `dot` (double) and `pixel` (T) are scratch of at least n entries.
+/// With kCheck, the loop that first reads q and g also checks them, and the
+/// result is nonzero when some q is negative or not finite or some g is not
+/// finite. Without kCheck the result is 0.
 template <bool kCheck = false, typename T>
 Flag<T> softmax_vjp_tile(const T* q, Index q_stride, const T* g,
                          Index g_stride, T* out, Index out_stride, Index C,
