@@ -21,6 +21,7 @@ namespace qrloss::detail::QRLOSS_ISA {
 /// Everything validated about one call before the first parallel region.
 struct CallSetup {
   const char* function = "";
+  const char* input_name = "";  // "logits" or "probs"
   Shape shape;
   Geometry geometry;
   ChunkPlan plan;
@@ -31,15 +32,17 @@ struct CallSetup {
   double inv_pixels = 0.0;  // 1/N
 };
 
-template <typename T>
-CallSetup setup_call(const char* function, const char* input_name,
-                     const T* input, const T* target, const T* grad,
-                     const char* grad_name, const Shape& shape,
+template <typename T, bool kFromLogits>
+CallSetup setup_call(const char* function, const T* input, const T* target,
+                     const T* grad, const Shape& shape,
                      const LossOptions& options) {
+  const char* input_name = kFromLogits ? "logits" : "probs";
+  const char* grad_name = kFromLogits ? "dL_dx" : "dL_dq";
   // The shape is checked first: an empty std::vector may have a null
   // data(), and "empty tensor" is then the accurate message.
   CallSetup call;
   call.function = function;
+  call.input_name = input_name;
   call.shape = shape;
   call.geometry = make_geometry(function, input_name, shape, sizeof(T));
   check_not_null(function, input_name, input);
@@ -196,10 +199,8 @@ void store_gradient_tile(const Geometry& geometry, const Rows<T>& probs,
 template <typename T, bool kFromLogits>
 double qr_impl(const char* function, const T* input, const T* target, T* grad,
                const Shape& shape, const LossOptions& options) {
-  const char* input_name = kFromLogits ? "logits" : "probs";
-  const CallSetup call =
-      setup_call(function, input_name, input, target, grad,
-                 kFromLogits ? "dL_dx" : "dL_dq", shape, options);
+  const CallSetup call = setup_call<T, kFromLogits>(function, input, target,
+                                                    grad, shape, options);
   const Geometry& geometry = call.geometry;
   const Index C = geometry.C;
   const Index L = call.tile;
@@ -252,7 +253,7 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
     sums.finish();
     finish_streaming_stores();
   });
-  raise_if_bad(call, input_name, input, bad_input);
+  raise_if_bad(call, call.input_name, input, bad_input);
   raise_if_bad(call, "target", target, bad_target);
 
   const std::vector<double> totals = partial.total();
@@ -324,10 +325,8 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
 template <typename T, bool kFromLogits>
 double rq_impl(const char* function, const T* input, const T* target, T* grad,
                const Shape& shape, const LossOptions& options) {
-  const char* input_name = kFromLogits ? "logits" : "probs";
-  const CallSetup call =
-      setup_call(function, input_name, input, target, grad,
-                 kFromLogits ? "dL_dx" : "dL_dq", shape, options);
+  const CallSetup call = setup_call<T, kFromLogits>(function, input, target,
+                                                    grad, shape, options);
   const Geometry& geometry = call.geometry;
   const Index C = geometry.C;
   const Index L = call.tile;
@@ -365,7 +364,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
     sums.finish();
     finish_streaming_stores();
   });
-  raise_if_bad(call, input_name, input, bad_input);
+  raise_if_bad(call, call.input_name, input, bad_input);
 
   ClassStats stats;
   stats.sum_q = class_sums.total();
