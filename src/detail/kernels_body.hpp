@@ -196,6 +196,48 @@ void store_gradient_tile(const Geometry& geometry, const Rows<T>& probs,
 // QR
 // ---------------------------------------------------------------------------
 
+/// Adds sum_i q[i] log(p[i] + eps) over a row to sum k, where log_p contains
+/// log(p + eps) and may be overwritten. With eps = 0, 0 * log(0) counts as
+/// 0. With eps > 0 the log is finite anyway.
+template <typename T>
+void add_cross_terms(ChunkSums& sums, Index k, const T* q, T* log_p, Index n,
+                     bool eps_zero) {
+  if (eps_zero) {
+    for (Index i = 0; i < n; ++i) {
+      log_p[i] = q[i] > T(0) ? q[i] * log_p[i] : T(0);
+    }
+    sums.add(k, log_p, n);
+  } else {
+    sums.add_products(k, q, log_p, n);
+  }
+}
+
+/// Computes the QR loss of eq. 1 from the class sums and the cross term
+/// sum_n sum_c q log(p + eps), and sets class_term[c] = h_c / N [eq. 2].
+template <typename T>
+double qr_loss_value(const CallSetup& call, const std::vector<double>& sum_q,
+                     double cross, std::vector<T>& class_term) {
+  const auto C = static_cast<std::size_t>(call.geometry.C);
+  const double num_pixels = static_cast<double>(call.geometry.num_pixels());
+  double loss = -cross / num_pixels;
+  class_term.assign(C, T(0));
+  for (std::size_t c = 0; c < C; ++c) {
+    const double qbar = sum_q[c] / num_pixels;
+    double h = std::log(call.eps);  // limit of h as qbar -> 0+ [eq. 2]
+    if (qbar > 0.0) {
+      loss += qbar * std::log(qbar + call.eps);
+      h = std::log(qbar + call.eps) + qbar / (qbar + call.eps);
+    }
+    class_term[c] = static_cast<T>(call.inv_pixels * h);
+  }
+  return loss;
+}
+
+/// Computes QR with one log per element. Without a gradient, one pass reads
+/// q and p and sums S_c and the cross term. With a gradient, pass 1 sums
+/// only S_c, which gives h_c. Pass 2 then takes log(p + eps) once for both
+/// the cross term and dL/dq. Summing the cross term in pass 1 instead moves
+/// as many bytes (q and p, then p) but takes every log twice.
 template <typename T, bool kFromLogits>
 double qr_impl(const char* function, const T* input, const T* target, T* grad,
                const Shape& shape, const LossOptions& options) {
@@ -205,116 +247,126 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
   const Index C = geometry.C;
   const Index L = call.tile;
   const bool eps_zero = call.eps == 0.0;
+  const bool want_grad = grad != nullptr;
   const T eps = static_cast<T>(call.eps);
   WorkspaceNeeds needs;
   needs.softmax = kFromLogits;
-  needs.grad_tile = grad != nullptr;
+  needs.grad_tile = want_grad;
   std::vector<Workspace<T>> spaces =
       make_workspaces<T>(call.threads, C, L, needs);
 
-  // Pass 1: per-class sums of q and sum q log(p + eps), fused [eq. 1].
-  PartialSums partial(call.plan.num_chunks, C + 1);
+  // Pass 1: per-class sums of q, plus the cross term of eq. 1 when no
+  // gradient is wanted.
+  const Index pass1_width = want_grad ? C : C + 1;
+  PartialSums partial(call.plan.num_chunks, pass1_width);
   BadIndexLog bad_input(call.plan.num_chunks);
   BadIndexLog bad_target(call.plan.num_chunks);
   run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
     Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
-    ChunkSums sums(space.lanes.data(), C + 1, partial.chunk(chunk));
+    ChunkSums sums(space.lanes.data(), pass1_width, partial.chunk(chunk));
     for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
       const Rows<T> probs =
           load_probs<T, kFromLogits>(geometry, input, b, p0, n, L, space, chunk,
                                      call.check ? &bad_input : nullptr);
-      if (kFromLogits && grad != nullptr) {
+      if (kFromLogits && want_grad) {
         cache_probs(geometry, probs, b, p0, n, grad);
       }
       T* log_p = space.tmp1.data();
       for (Index c = 0; c < C; ++c) {
         const T* q = probs.row(c);
         const Index offset = geometry.offset(b, c, p0);
-        const T* p = target + offset;
         if constexpr (!kFromLogits) prefetch_ahead(q, n);
-        prefetch_ahead(p, n);
         add_probs_row<T, kFromLogits>(sums, c, q, n, offset, chunk,
                                       call.check ? &bad_input : nullptr);
+        if (want_grad) continue;
+        const T* p = target + offset;
+        prefetch_ahead(p, n);
         if (call.check) {
           scan_row(p, n, ValueRule::kNonNegative, offset, chunk, bad_target);
         }
         log_shifted(p, eps, log_p, n);
-        if (eps_zero) {
-          // 0 * log(0) counts as 0; with eps > 0 the log is finite anyway.
-          for (Index i = 0; i < n; ++i) {
-            log_p[i] = q[i] > T(0) ? q[i] * log_p[i] : T(0);
-          }
-          sums.add(C, log_p, n);
-        } else {
-          sums.add_products(C, q, log_p, n);
-        }
+        add_cross_terms(sums, C, q, log_p, n, eps_zero);
       }
     });
     sums.finish();
     finish_streaming_stores();
   });
   raise_if_bad(call, call.input_name, input, bad_input);
-  raise_if_bad(call, "target", target, bad_target);
 
-  const std::vector<double> totals = partial.total();
+  std::vector<double> totals = partial.total();
   ClassStats stats;
   stats.sum_q.assign(totals.begin(), totals.begin() + C);
   stats.num_pixels = static_cast<double>(geometry.num_pixels());
-  double loss = -totals[static_cast<std::size_t>(C)] / stats.num_pixels;
-  std::vector<T> class_term(static_cast<std::size_t>(C));
-  for (Index c = 0; c < C; ++c) {
-    const double qbar =
-        stats.sum_q[static_cast<std::size_t>(c)] / stats.num_pixels;
-    double h = std::log(call.eps);  // limit of h as qbar -> 0+ [eq. 2]
-    if (qbar > 0.0) {
-      loss += qbar * std::log(qbar + call.eps);
-      h = std::log(qbar + call.eps) + qbar / (qbar + call.eps);
-    }
-    class_term[static_cast<std::size_t>(c)] =
-        static_cast<T>(call.inv_pixels * h);
+  std::vector<T> class_term;
+  if (!want_grad) {
+    raise_if_bad(call, "target", target, bad_target);
+    const double loss = qr_loss_value(call, stats.sum_q, totals.back(),
+                                      class_term);
+    raise_if_nan(call, loss, "the loss");
+    return loss;
   }
-  raise_if_nan(call, loss, "the loss");
-  if (grad == nullptr) return loss;
-  if (kFromLogits && std::isinf(loss)) {
-    // Every q = softmax(x) is > 0, so the loss is +inf on a whole
-    // neighbourhood of x and has no gradient; eq. 7 would give inf - inf.
-    throw invalid_argument(
-        std::string(function) +
-        ": infinite loss: target is 0 where probs > 0 and eps = 0, so the "
-        "gradient with respect to logits is undefined; use eps > 0");
-  }
+  // h_c needs only S_c, so the cross term can wait for pass 2.
+  qr_loss_value(call, stats.sum_q, 0.0, class_term);
 
-  // Pass 2: dL/dq = (1/N) (h_c - log(p + eps)) [eq. 2], chained to the
-  // logits per tile when the input is logits [eq. 7].
+  // Pass 2: the cross term of eq. 1 and dL/dq = (1/N) (h_c - log(p + eps))
+  // [eq. 2], chained to the logits per tile when the input is logits
+  // [eq. 7].
+  PartialSums cross(call.plan.num_chunks, 1);
   const T inv_pixels = static_cast<T>(call.inv_pixels);
   constexpr T kInf = std::numeric_limits<T>::infinity();
   run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
     Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
+    ChunkSums sums(space.lanes.data(), 1, cross.chunk(chunk));
     for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
-      Rows<T> probs{nullptr, 0};
-      if constexpr (kFromLogits) probs = cached_probs(geometry, grad, b, p0);
+      const Rows<T> probs =
+          kFromLogits ? cached_probs(geometry, grad, b, p0)
+                      : load_probs<T, false>(geometry, input, b, p0, n, L,
+                                             space, chunk, nullptr);
+      T* log_p = space.tmp1.data();
       for (Index c = 0; c < C; ++c) {
         const Index offset = geometry.offset(b, c, p0);
+        const T* q = probs.row(c);
         const T* p = target + offset;
-        T* out = space.grad.data() + c * L;  // log(p + eps), then dL/dq
+        T* out = space.grad.data() + c * L;
         const T h = class_term[static_cast<std::size_t>(c)];
-        if constexpr (kFromLogits) prefetch_ahead(probs.row(c), n);
+        prefetch_ahead(q, n);
         prefetch_ahead(p, n);
+        if (call.check) {
+          scan_row(p, n, ValueRule::kNonNegative, offset, chunk, bad_target);
+        }
         log_shifted(p, eps, out, n);
         if (eps_zero) {
           // With eps = 0 the loss is +inf for any q > 0 where p = 0.
+          std::copy(out, out + n, log_p);
+          add_cross_terms(sums, 0, q, log_p, n, true);
           for (Index i = 0; i < n; ++i) {
             out[i] = p[i] > T(0) ? h - inv_pixels * out[i] : kInf;
           }
         } else {
+          sums.add_products(0, q, out, n);
           for (Index i = 0; i < n; ++i) out[i] = h - inv_pixels * out[i];
         }
       }
       store_gradient_tile<T, kFromLogits>(geometry, probs, space, L, b, p0, n,
                                           grad);
     });
+    sums.finish();
     finish_streaming_stores();
   });
+  raise_if_bad(call, "target", target, bad_target);
+
+  const double loss =
+      qr_loss_value(call, stats.sum_q, cross.total()[0], class_term);
+  raise_if_nan(call, loss, "the loss");
+  if (kFromLogits && std::isinf(loss)) {
+    // In exact arithmetic every q = softmax(x) is > 0, so the loss is +inf
+    // on a whole neighbourhood of x and has no gradient. Eq. 7 would give
+    // inf - inf.
+    throw invalid_argument(
+        std::string(function) +
+        ": infinite loss: target is 0 where probs > 0 and eps = 0, so the "
+        "gradient with respect to logits is undefined; use eps > 0");
+  }
   return loss;
 }
 
