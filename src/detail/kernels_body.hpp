@@ -331,20 +331,28 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
         const T h = class_term[static_cast<std::size_t>(c)];
         prefetch_ahead(q, n);
         prefetch_ahead(p, n);
-        if (call.check) {
-          scan_row(p, n, ValueRule::kNonNegative, offset, chunk, bad_target);
-        }
         log_shifted(p, eps, out, n);
+        Flag<T> bad = 0;
         if (eps_zero) {
           // With eps = 0 the loss is +inf for any q > 0 where p = 0.
           std::copy(out, out + n, log_p);
           add_cross_terms(sums, 0, q, log_p, n, true);
+          QRLOSS_SIMD_LOOP_FLAGS
           for (Index i = 0; i < n; ++i) {
             out[i] = p[i] > T(0) ? h - inv_pixels * out[i] : kInf;
+            bad |= invalid_flag(p[i], ValueRule::kNonNegative);
           }
         } else {
           sums.add_products(0, q, out, n);
-          for (Index i = 0; i < n; ++i) out[i] = h - inv_pixels * out[i];
+          QRLOSS_SIMD_LOOP_FLAGS
+          for (Index i = 0; i < n; ++i) {
+            out[i] = h - inv_pixels * out[i];
+            bad |= invalid_flag(p[i], ValueRule::kNonNegative);
+          }
+        }
+        if (call.check && bad != 0) {
+          log_first_invalid(p, n, ValueRule::kNonNegative, offset, chunk,
+                            bad_target);
         }
       }
       store_gradient_tile<T, kFromLogits>(geometry, probs, space, L, b, p0, n,
