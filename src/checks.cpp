@@ -166,19 +166,16 @@ template <typename T>
 void check_values(const char* function, const char* tensor, const T* data,
                   const Geometry& geometry, const Shape& shape, ValueRule rule,
                   int threads) {
-  const ChunkPlan plan = plan_chunks(geometry.num_pixels());
+  // Only the first bad value in memory order is reported, so the scan runs
+  // over flat ranges of elements whatever the shape: the plan's "pixels"
+  // are elements here.
+  const ChunkPlan plan = plan_chunks(geometry.num_elements());
   BadIndexLog log(plan.num_chunks);
-  const Index tile = tile_pixels(geometry.C);
+  const Index count = geometry.num_elements();
   QRLOSS_ISA::run_chunks(plan, threads, [&](Index chunk, int) {
     const Index begin = chunk * plan.chunk_pixels;
-    const Index end =
-        std::min(begin + plan.chunk_pixels, geometry.num_pixels());
-    QRLOSS_ISA::for_each_tile(geometry, begin, end, tile, [&](Index b, Index p0, Index n) {
-      for (Index c = 0; c < geometry.C; ++c) {
-        const Index row = geometry.offset(b, c, p0);
-        QRLOSS_ISA::scan_row(data + row, n, rule, row, chunk, log);
-      }
-    });
+    const Index length = std::min(plan.chunk_pixels, count - begin);
+    QRLOSS_ISA::scan_row(data + begin, length, rule, begin, chunk, log);
   });
   const Index bad = log.first();
   if (bad >= 0) throw_bad_value(function, tensor, data, bad, geometry, shape);

@@ -1004,6 +1004,83 @@ TEST_SUITE("losses") {
     }
   }
 
+  TEST_CASE_TEMPLATE("few-pixel items match merged item", T, float, double) {
+    // Items of fewer than 32 pixels run on a repacked copy, one item of
+    // B * P pixels. {70,5}: rank 2, with a partial block of 64 items.
+    // {3000,3,2,3}: 6 pixels per item, 18000 pixels in 9 chunks. {2,3,4,7}:
+    // 28 pixels, just below the threshold.
+    std::uint64_t seed = 500;
+    for (const Shape& shape :
+         {Shape{70, 5}, Shape{3000, 3, 2, 3}, Shape{2, 3, 4, 7}}) {
+      for (const EntryPoint& entry : kAllEntryPoints) {
+        ++seed;
+        const std::string name = function_name(entry);
+        const std::string shape_text = qrloss::format_shape(shape);
+        CAPTURE(name);
+        CAPTURE(shape_text);
+        const std::vector<T> input =
+            make_input<T>(entry.from_logits, shape, seed);
+        const std::vector<T> target =
+            make_target<T>(TargetKind::kZeroPixels, shape, seed + 1);
+        for (int threads : {1, 2}) {
+          CAPTURE(threads);
+          LossOptions options;
+          options.num_threads = threads;
+          std::vector<T> grad(input.size());
+          const double loss = call_entry(entry, input.data(), target.data(),
+                                         grad.data(), shape, options);
+          const std::vector<T> merged_input =
+              testing::merge_items(input, shape);
+          const std::vector<T> merged_target =
+              testing::merge_items(target, shape);
+          std::vector<T> merged_grad(input.size());
+          const double merged_loss =
+              call_entry(entry, merged_input.data(), merged_target.data(),
+                         merged_grad.data(), testing::merged_shape(shape),
+                         options);
+          CHECK(testing::same_bits(loss, merged_loss));
+          if (entry.with_grad) {
+            CHECK(testing::same_bits(testing::merge_items(grad, shape),
+                                     merged_grad));
+          }
+        }
+      }
+    }
+  }
+
+  TEST_CASE_TEMPLATE("few-pixel items report caller position", T, float,
+                     double) {
+    // The repacked copy is checked where the caller's values are, so the
+    // position names the caller's (b, c), and the first bad value in the
+    // caller's memory order is reported.
+    const Shape shape{300, 4};
+    for (const EntryPoint& entry : kAllEntryPoints) {
+      const std::string name = function_name(entry);
+      CAPTURE(name);
+      std::vector<T> input = make_input<T>(entry.from_logits, shape, 530);
+      std::vector<T> target = testing::random_simplex<T>(shape, 531);
+      std::vector<T> grad(input.size());
+      input[250 * 4 + 1] = std::numeric_limits<T>::quiet_NaN();
+      input[201 * 4 + 3] = std::numeric_limits<T>::quiet_NaN();
+      testing::check_invalid_argument(
+          [&] {
+            call_entry(entry, input.data(), target.data(), grad.data(),
+                       shape);
+          },
+          name + ": non-finite input: " + input_name(entry) +
+              " is nan at (b=201,c=3)");
+      input = make_input<T>(entry.from_logits, shape, 530);
+      target[7 * 4 + 2] = T(-0.5);
+      testing::check_invalid_argument(
+          [&] {
+            call_entry(entry, input.data(), target.data(), grad.data(),
+                       shape);
+          },
+          name + ": negative input: target is -0.5 at (b=7,c=2), expected "
+                 ">= 0");
+    }
+  }
+
   TEST_CASE_TEMPLATE("calls inside omp parallel region", T, float, double) {
     // Each caller thread writes its own gradient buffer, and all of them
     // read the same inputs.

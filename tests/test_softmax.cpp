@@ -295,6 +295,36 @@ TEST_SUITE("softmax") {
     }
   }
 
+  TEST_CASE_TEMPLATE("few-pixel items match merged item", T, float, double) {
+    // Items of fewer than 32 pixels run on a repacked copy. Each pixel's
+    // softmax and VJP depend on that pixel alone, so the results match a
+    // call on the merged tensor bit for bit, in place too.
+    for (const Shape& shape : {Shape{70, 5}, Shape{3000, 3, 2, 3}}) {
+      const std::string shape_text = qrloss::format_shape(shape);
+      CAPTURE(shape_text);
+      const Shape merged = testing::merged_shape(shape);
+      const std::vector<T> logits = testing::random_logits<T>(shape, 380);
+      const std::vector<T> probs = run_softmax(logits, shape, 2);
+      CHECK(testing::same_bits(
+          testing::merge_items(probs, shape),
+          run_softmax(testing::merge_items(logits, shape), merged, 2)));
+
+      const std::vector<T> dL_dq = testing::random_logits<T>(shape, 381);
+      std::vector<T> dL_dx(probs.size());
+      qrloss::softmax_vjp(probs.data(), dL_dq.data(), dL_dx.data(), shape, 2);
+      const std::vector<T> merged_probs = testing::merge_items(probs, shape);
+      const std::vector<T> merged_dq = testing::merge_items(dL_dq, shape);
+      std::vector<T> merged_dx(probs.size());
+      qrloss::softmax_vjp(merged_probs.data(), merged_dq.data(),
+                          merged_dx.data(), merged, 2);
+      CHECK(testing::same_bits(testing::merge_items(dL_dx, shape), merged_dx));
+      std::vector<T> in_place = dL_dq;
+      qrloss::softmax_vjp(probs.data(), in_place.data(), in_place.data(),
+                          shape, 2);
+      CHECK(testing::same_bits(in_place, dL_dx));
+    }
+  }
+
   // -------------------------------------------------------------------------
   // softmax_jacobian
   // -------------------------------------------------------------------------

@@ -167,6 +167,32 @@ std::vector<T> random_uniform(const Shape& shape, std::uint64_t seed,
   return out;
 }
 
+/// Moves a (B, C, P) tensor to shape (1, C, B * P), where row c contains
+/// class c of every pixel, item by item. Calls whose items have few pixels
+/// run on this layout internally, so their results must match those of a
+/// call on the merged tensor bit for bit.
+template <typename T>
+std::vector<T> merge_items(const std::vector<T>& values, const Shape& shape) {
+  const std::int64_t B = shape[0];
+  const std::int64_t C = shape[1];
+  const std::int64_t P = count(shape) / (B * C);
+  std::vector<T> out(values.size());
+  for (std::int64_t b = 0; b < B; ++b) {
+    for (std::int64_t c = 0; c < C; ++c) {
+      for (std::int64_t p = 0; p < P; ++p) {
+        out[static_cast<std::size_t>((c * B + b) * P + p)] =
+            values[static_cast<std::size_t>((b * C + c) * P + p)];
+      }
+    }
+  }
+  return out;
+}
+
+/// Returns the shape of merge_items' result.
+inline Shape merged_shape(const Shape& shape) {
+  return {1, shape[1], count(shape) / shape[1], 1};
+}
+
 /// True when both vectors have the same size and the same bytes.
 template <typename T>
 bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
