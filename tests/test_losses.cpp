@@ -1005,13 +1005,13 @@ TEST_SUITE("losses") {
   }
 
   TEST_CASE_TEMPLATE("few-pixel items match merged item", T, float, double) {
-    // Items of fewer than 32 pixels run on a repacked copy, one item of
+    // Items of fewer than 16 pixels run on a repacked copy, one item of
     // B * P pixels. {70,5}: rank 2, with a partial block of 64 items.
-    // {3000,3,2,3}: 6 pixels per item, 18000 pixels in 9 chunks. {2,3,4,7}:
-    // 28 pixels, just below the threshold.
+    // {3000,3,2,3}: 6 pixels per item, 18000 pixels in 9 chunks. {2,3,3,5}:
+    // 15 pixels, just below the threshold.
     std::uint64_t seed = 500;
     for (const Shape& shape :
-         {Shape{70, 5}, Shape{3000, 3, 2, 3}, Shape{2, 3, 4, 7}}) {
+         {Shape{70, 5}, Shape{3000, 3, 2, 3}, Shape{2, 3, 3, 5}}) {
       for (const EntryPoint& entry : kAllEntryPoints) {
         ++seed;
         const std::string name = function_name(entry);

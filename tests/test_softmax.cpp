@@ -296,7 +296,7 @@ TEST_SUITE("softmax") {
   }
 
   TEST_CASE_TEMPLATE("few-pixel items match merged item", T, float, double) {
-    // Items of fewer than 32 pixels run on a repacked copy. Each pixel's
+    // Items of fewer than 16 pixels run on a repacked copy. Each pixel's
     // softmax and VJP depend on that pixel alone, so the results match a
     // call on the merged tensor bit for bit, in place too.
     for (const Shape& shape : {Shape{70, 5}, Shape{3000, 3, 2, 3}}) {

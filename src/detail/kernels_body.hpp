@@ -75,15 +75,18 @@ CallSetup setup_call(const char* function, const T* input, const T* target,
 
 /// Tiles never cross a batch item, so items of P pixels give tiles of at
 /// most P pixels. A B x C input (P = 1) then pays the fixed cost of a tile
-/// for every pixel: 30 to 90 ns per element, against under 1.5 ns from
-/// P = 64 up. Calls whose items have fewer pixels than this run on copies
-/// repacked into one item of B * P pixels, which costs a copy of each
-/// tensor.
-/// NOTE: the copies are allocated per call and move every tensor through
-/// memory once more, so a B x C call beyond the caches still costs several
-/// times a segmentation call per element. Loading tiles straight from the
-/// pixel-major layout would avoid both.
-inline constexpr Index kRepackBelowPixels = 32;
+/// for every pixel: 75 to 98 ns per element on one thread, against under
+/// 3 ns from P = 16 up. Calls whose items have fewer pixels than this run
+/// on copies repacked into one item of B * P pixels. At P = 16 the copies
+/// already cost more than the short tiles (RQ on two threads: 6.2 ns per
+/// element against 4.0).
+/// NOTE: the copies are allocated per call, so every call faults their
+/// pages in (which two threads do more slowly than one on the machine of
+/// docs/performance.md), and beyond the caches they move every tensor
+/// through memory twice more. So a B x C call still costs 3 to 10 times a
+/// segmentation call per element. Loading tiles straight from the
+/// pixel-major layout would avoid both costs.
+inline constexpr Index kRepackBelowPixels = 16;
 
 /// Returns whether a call on this geometry runs on repacked copies.
 inline bool should_repack(const Geometry& geometry) {
