@@ -80,12 +80,10 @@ CallSetup setup_call(const char* function, const T* input, const T* target,
 /// on copies repacked into one item of B * P pixels. At P = 16 the copies
 /// already cost more than the short tiles (RQ on two threads: 6.2 ns per
 /// element against 4.0).
-/// NOTE: the copies are allocated per call, so every call faults their
-/// pages in (which two threads do more slowly than one on the machine of
-/// docs/performance.md), and beyond the caches they move every tensor
-/// through memory twice more. So a B x C call still costs 3 to 10 times a
+/// NOTE: beyond the caches the copies move every tensor through memory
+/// twice more, so a large B x C call still costs 2 to 6 times a
 /// segmentation call per element. Loading tiles straight from the
-/// pixel-major layout would avoid both costs.
+/// pixel-major layout would avoid the copies.
 inline constexpr Index kRepackBelowPixels = 16;
 
 /// Returns whether a call on this geometry runs on repacked copies.
@@ -165,12 +163,23 @@ void repack_items(const Geometry& geometry, const T* src, T* dst, int threads,
   }
 }
 
-/// A buffer for a repacked copy of a tensor of `geometry`.
+/// Repacked copies of `copies` tensors of `geometry`, in one allocation:
+/// copy k starts at get() + k * count. With glibc, a block freed by one
+/// call raises the size below which later blocks come from the heap, and
+/// the heap keeps one such block instead of returning it to the system.
+/// So later calls reuse pages that are already mapped. Three separate
+/// blocks were returned and faulted in again on every call: 64 x 1000
+/// floats took 620 us against 120 us for the kernel on the merged tensor.
 template <typename T>
-std::unique_ptr<T[]> repack_buffer(const Geometry& geometry) {
-  return std::unique_ptr<T[]>(
-      new T[static_cast<std::size_t>(geometry.num_elements())]);
-}
+struct RepackBuffers {
+  RepackBuffers(const Geometry& geometry, int copies)
+      : count(geometry.num_elements()),
+        data(new T[static_cast<std::size_t>(count * copies)]) {}
+  T* copy(int k) const { return data.get() + k * count; }
+
+  Index count;
+  std::unique_ptr<T[]> data;
+};
 
 /// Runs a loss kernel on repacked copies of the inputs and unpacks the
 /// gradient. The values are checked in the caller's buffers first, so that
@@ -189,19 +198,16 @@ double run_repacked(const CallSetup& call, const T* input, const T* target,
     check_values(call.function, "target", target, geometry, call.shape,
                  ValueRule::kNonNegative, call.threads);
   }
-  std::unique_ptr<T[]> packed_input = repack_buffer<T>(geometry);
-  std::unique_ptr<T[]> packed_target = repack_buffer<T>(geometry);
-  std::unique_ptr<T[]> packed_grad;
-  if (grad != nullptr) packed_grad = repack_buffer<T>(geometry);
-  repack_items(geometry, input, packed_input.get(), call.threads, false);
-  repack_items(geometry, target, packed_target.get(), call.threads, false);
+  const RepackBuffers<T> packed(geometry, grad != nullptr ? 3 : 2);
+  T* packed_grad = grad != nullptr ? packed.copy(2) : nullptr;
+  repack_items(geometry, input, packed.copy(0), call.threads, false);
+  repack_items(geometry, target, packed.copy(1), call.threads, false);
   LossOptions inner = options;
   inner.check_finite = false;  // checked above
-  const double loss =
-      kernel(call.function, packed_input.get(), packed_target.get(),
-             packed_grad.get(), repacked_shape(geometry), inner);
+  const double loss = kernel(call.function, packed.copy(0), packed.copy(1),
+                             packed_grad, repacked_shape(geometry), inner);
   if (grad != nullptr) {
-    repack_items(geometry, packed_grad.get(), grad, call.threads, true);
+    repack_items(geometry, packed_grad, grad, call.threads, true);
   }
   return loss;
 }
@@ -859,13 +865,12 @@ void softmax_impl(const char* function, const T* logits, T* probs,
   if (should_repack(geometry)) {
     check_values(function, "logits", logits, geometry, shape,
                  ValueRule::kFinite, threads);
-    std::unique_ptr<T[]> packed_logits = repack_buffer<T>(geometry);
-    std::unique_ptr<T[]> packed_probs = repack_buffer<T>(geometry);
-    repack_items(geometry, logits, packed_logits.get(), threads, false);
-    softmax_impl(function, packed_logits.get(), packed_probs.get(),
+    const RepackBuffers<T> packed(geometry, 2);
+    repack_items(geometry, logits, packed.copy(0), threads, false);
+    softmax_impl(function, packed.copy(0), packed.copy(1),
                  repacked_geometry(geometry), repacked_shape(geometry),
                  threads);
-    repack_items(geometry, packed_probs.get(), probs, threads, true);
+    repack_items(geometry, packed.copy(1), probs, threads, true);
     return;
   }
   const ChunkPlan plan = plan_chunks(geometry.num_pixels());
@@ -908,15 +913,13 @@ void softmax_vjp_impl(const char* function, const T* probs, const T* dL_dq,
                  ValueRule::kNonNegative, threads);
     check_values(function, "dL_dq", dL_dq, geometry, shape,
                  ValueRule::kFinite, threads);
-    std::unique_ptr<T[]> packed_probs = repack_buffer<T>(geometry);
-    std::unique_ptr<T[]> packed_grad = repack_buffer<T>(geometry);
-    std::unique_ptr<T[]> packed_out = repack_buffer<T>(geometry);
-    repack_items(geometry, probs, packed_probs.get(), threads, false);
-    repack_items(geometry, dL_dq, packed_grad.get(), threads, false);
-    softmax_vjp_impl(function, packed_probs.get(), packed_grad.get(),
-                     packed_out.get(), repacked_geometry(geometry),
-                     repacked_shape(geometry), threads);
-    repack_items(geometry, packed_out.get(), dL_dx, threads, true);
+    const RepackBuffers<T> packed(geometry, 3);
+    repack_items(geometry, probs, packed.copy(0), threads, false);
+    repack_items(geometry, dL_dq, packed.copy(1), threads, false);
+    softmax_vjp_impl(function, packed.copy(0), packed.copy(1), packed.copy(2),
+                     repacked_geometry(geometry), repacked_shape(geometry),
+                     threads);
+    repack_items(geometry, packed.copy(2), dL_dx, threads, true);
     return;
   }
   if (in_place) {
