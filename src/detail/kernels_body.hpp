@@ -163,8 +163,8 @@ void repack_items(const Geometry& geometry, const T* src, T* dst, int threads,
   }
 }
 
-/// Repacked copies of `copies` tensors of `geometry`, in one allocation:
-/// copy k starts at get() + k * count. With glibc, a block freed by one
+/// Repacked copies of `copies` tensors of `geometry` in one allocation,
+/// where copy(k) points to copy k. With glibc, a block freed by one
 /// call raises the size below which later blocks come from the heap, and
 /// the heap keeps one such block instead of returning it to the system.
 /// So later calls reuse pages that are already mapped. Three separate
@@ -173,12 +173,18 @@ void repack_items(const Geometry& geometry, const T* src, T* dst, int threads,
 template <typename T>
 struct RepackBuffers {
   RepackBuffers(const Geometry& geometry, int copies)
-      : count(geometry.num_elements()),
-        data(new T[static_cast<std::size_t>(count * copies)]) {}
+      : count(geometry.num_elements()), data(allocate(count, copies)) {}
   T* copy(int k) const { return data.get() + k * count; }
 
   Index count;
   std::unique_ptr<T[]> data;
+
+ private:
+  static T* allocate(Index count, int copies) {
+    const auto limit = std::numeric_limits<std::size_t>::max() / sizeof(T);
+    if (static_cast<std::size_t>(count) > limit / copies) throw std::bad_alloc();
+    return new T[static_cast<std::size_t>(count) * copies];
+  }
 };
 
 /// Runs a loss kernel on repacked copies of the inputs and unpacks the
