@@ -182,7 +182,9 @@ struct RepackBuffers {
  private:
   static T* allocate(Index count, int copies) {
     const auto limit = std::numeric_limits<std::size_t>::max() / sizeof(T);
-    if (static_cast<std::size_t>(count) > limit / copies) throw std::bad_alloc();
+    if (static_cast<std::size_t>(count) > limit / copies) {
+      throw std::bad_alloc();
+    }
     return new T[static_cast<std::size_t>(count) * copies];
   }
 };
