@@ -407,8 +407,7 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
   WorkspaceNeeds needs;
   needs.softmax = kFromLogits;
   needs.grad_tile = want_grad;
-  std::vector<Workspace<T>> spaces =
-      make_workspaces<T>(call.threads, C, L, needs);
+  Workspaces<T> spaces(call.threads, C, L, needs);
 
   // Pass 1: per-class sums of q, plus the cross term of eq. 1 when no
   // gradient is wanted.
@@ -556,8 +555,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   needs.softmax = kFromLogits;
   needs.grad_tile = want_grad;
   needs.rq_rows = true;
-  std::vector<Workspace<T>> spaces =
-      make_workspaces<T>(call.threads, C, L, needs);
+  Workspaces<T> spaces(call.threads, C, L, needs);
 
   // Pass 1: per-class sums S_c of q.
   PartialSums class_sums(call.plan.num_chunks, C);
@@ -841,8 +839,7 @@ void for_each_pixel_tile(const Geometry& geometry, const ChunkPlan& plan,
                          int threads, WorkspaceNeeds needs, TileFn&& tile_fn) {
   const Index L = tile_pixels(geometry.C);
   const int team = static_cast<int>(std::min<Index>(threads, plan.num_chunks));
-  std::vector<Workspace<T>> spaces =
-      make_workspaces<T>(team, geometry.C, L, needs);
+  Workspaces<T> spaces(team, geometry.C, L, needs);
   run_chunks(plan, team, [&](Index chunk, int thread) {
     const Index begin = chunk * plan.chunk_pixels;
     const Index end =
