@@ -1,6 +1,6 @@
 // AVX-512 (F, DQ, VL, BW) kernel variant, chosen at run time
 // (detail/kernels.hpp).
-// NOTE: these kernels take 1 to 9 % longer than in a -Dsimd=avx512 build
+// NOTE: these kernels take up to 11 % longer than in a -Dsimd=avx512 build
 // on the machines of docs/performance.md, although their tile loops are
 // instruction for instruction the same. Code and data placement are the
 // likely causes, and no change tried so far helped every kernel.
