@@ -2,6 +2,19 @@
 // Building blocks of every pixel pass: argument checks, the deterministic
 // chunk plan, tiles of pixels, lane sums and input scans.
 
+// The NaN and infinity checks, the eps handling and the fixed-order sums
+// need IEEE arithmetic. GCC 12 defines these macros for -ffast-math,
+// -Ofast, -ffinite-math-only, -funsafe-math-optimizations,
+// -fassociative-math and -freciprocal-math. Clang 14 defines only the
+// first two, for -ffast-math, -Ofast and -ffinite-math-only, so
+// meson.build also rejects the other flags by name. A -Ofast build passed
+// NaN inputs through and printed a loss of 0.
+#if defined(__FAST_MATH__) || \
+    (defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__) || \
+    defined(__ASSOCIATIVE_MATH__) || defined(__RECIPROCAL_MATH__)
+#error "qrloss needs IEEE floating-point semantics: build it without -ffast-math, -Ofast, -ffinite-math-only or other unsafe-math flags"
+#endif
+
 #include <omp.h>
 
 #include <Eigen/Core>
