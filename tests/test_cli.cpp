@@ -374,10 +374,10 @@ TEST_SUITE("cli") {
     const std::vector<Case> cases = {
         {"missing file",
          {"--loss", "qr", "--probs", missing, "--target", target},
-         "cannot open"},
+         "--probs: npy::read: cannot open"},
         {"not an npy file",
-         {"--loss", "qr", "--probs", not_npy, "--target", target},
-         "bad magic"},
+         {"--loss", "qr", "--probs", probs, "--target", not_npy},
+         "--target: npy::read: bad magic"},
         {"shape mismatch",
          {"--loss", "qr", "--probs", probs, "--target", target_wide},
          "shape mismatch"},
@@ -538,6 +538,43 @@ TEST_SUITE("cli") {
     CHECK(entries == 5);  // probs, target, grad, stdout.txt, stderr.txt
   }
 
+  TEST_CASE("eval rejects grad-out naming an input") {
+    QRLOSS_REQUIRE_EXE_();
+    testing::TempDir dir("qrloss_test_cli_");
+    const std::string probs = dir.file("probs.npy");
+    const std::string target = dir.file("target.npy");
+    const std::string link = dir.file("link.npy");
+    write_filled(probs, {2, 3}, 1.0 / 3.0);
+    write_filled(target, {2, 3}, 0.5);
+    fs::create_symlink(fs::path(probs).filename(), link);
+    const std::string probs_bytes = read_text(probs);
+    const std::string target_bytes = read_text(target);
+
+    struct Case {
+      std::string grad_out;
+      std::string expected;
+    };
+    const std::vector<Case> cases = {
+        {probs, "bad --grad-out: " + probs + " is the same file as --probs " +
+                    probs},
+        {target, "bad --grad-out: " + target +
+                     " is the same file as --target " + target},
+        {link, "bad --grad-out: " + link + " is the same file as --probs " +
+                   probs},
+    };
+    for (const Case& item : cases) {
+      CAPTURE(item.grad_out);
+      const RunResult run =
+          run_qrloss(dir, {"eval", "--loss", "rq", "--probs", probs,
+                           "--target", target, "--grad-out", item.grad_out});
+      CHECK(run.status == kExitUsage);
+      CHECK(run.out.empty());
+      CHECK(run.err.find(item.expected) != std::string::npos);
+      CHECK(read_text(probs) == probs_bytes);
+      CHECK(read_text(target) == target_bytes);
+    }
+  }
+
   TEST_CASE("bench prints timing JSON") {
     QRLOSS_REQUIRE_EXE_();
     testing::TempDir dir("qrloss_test_cli_");
@@ -640,6 +677,17 @@ TEST_SUITE("cli") {
     CHECK(bench.status == kExitUsage);
     CHECK(bench.out.empty());
     CHECK(bench.err.find("--repeat") != std::string::npos);
+    // A usage error inside a command points to that command's help.
+    CHECK(bench.err.find("(run 'qrloss bench --help' for usage)") !=
+          std::string::npos);
+    CHECK(unknown.err.find("(run 'qrloss --help' for usage)") !=
+          std::string::npos);
+
+    const RunResult shape = run_qrloss(dir, {"bench", "--shape", "4,six"});
+    CHECK(shape.status == kExitUsage);
+    CHECK(shape.out.empty());
+    CHECK(shape.err.find("--shape: expected whole-number extents such as "
+                         "16,6,512,512, got 'six'") != std::string::npos);
   }
 
 }  // TEST_SUITE("cli")

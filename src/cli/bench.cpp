@@ -2,7 +2,9 @@
 // inputs against a STREAM-style triad floor and prints one JSON object.
 
 #include <CLI/CLI.hpp>
+#include <cerrno>
 #include <cstdint>
+#include <cstdlib>
 #include <iostream>
 #include <memory>
 #include <new>
@@ -36,7 +38,7 @@ constexpr std::int64_t kMaxBenchElements = std::int64_t{1} << 31;
 void run_bench(const BenchSettings& settings) {
   if (settings.shape.size() != 2 && settings.shape.size() != 4) {
     fail_command("bench", kExitUsage,
-                 "invalid --shape: expected B,C or B,C,H,W, got " +
+                 "bad --shape: expected B,C or B,C,H,W, got " +
                      qrloss::format_shape(settings.shape));
   }
   std::int64_t elements = 1;
@@ -116,6 +118,21 @@ void add_bench_command(CLI::App& app) {
       ->add_option("--shape", settings->shape,
                    "Input shape B,C,H,W (or B,C), comma-separated")
       ->delimiter(',')
+      ->check(CLI::Validator(
+          [](std::string& extent) {
+            // CLI11's own message for a failed conversion names neither
+            // the format nor the value's role.
+            const char* begin = extent.c_str();
+            char* end = nullptr;
+            errno = 0;
+            static_cast<void>(std::strtoll(begin, &end, 10));
+            if (extent.empty() || *end != '\0' || errno == ERANGE) {
+              return "expected whole-number extents such as 16,6,512,512, "
+                     "got '" + extent + "'";
+            }
+            return std::string();
+          },
+          ""))
       ->type_name("B,C,H,W")
       ->capture_default_str();
   bench

@@ -5,11 +5,14 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <iostream>
 #include <memory>
 #include <new>
 #include <optional>
 #include <string>
+#include <system_error>
+#include <utility>
 #include <vector>
 
 #include <CLI/CLI.hpp>
@@ -95,6 +98,38 @@ void check_inputs(const std::string& input_option,
   }
 }
 
+// Throws qrloss::invalid_argument when --grad-out names the input or the
+// target file (also through a link), since writing the gradient would
+// replace data that the user passed in.
+void check_grad_out(const EvalSettings& settings,
+                    const std::string& input_option,
+                    const std::string& input_path) {
+  if (settings.grad_out_path.empty()) return;
+  for (const auto& [option, path] :
+       {std::make_pair(input_option, input_path),
+        std::make_pair(std::string("--target"), settings.target_path)}) {
+    std::error_code error;  // a --grad-out that does not exist yet differs
+    if (std::filesystem::equivalent(settings.grad_out_path, path, error)) {
+      throw qrloss::invalid_argument(
+          "bad --grad-out: " + settings.grad_out_path +
+          " is the same file as " + option + " " + path +
+          "; write the gradient to another path");
+    }
+  }
+}
+
+// Reads the .npy file given to `option`. A read error names the option,
+// because the reader's message names only the file.
+npy::Array read_option(const std::string& option, const std::string& path) {
+  try {
+    return npy::read(path);
+  } catch (const npy::format_error& error) {
+    throw npy::format_error(option + ": " + error.what());
+  } catch (const npy::io_error& error) {
+    throw npy::io_error(option + ": " + error.what());
+  }
+}
+
 // Computes the loss in the input's precision and writes the gradient when
 // grad_out_path is set.
 template <typename T>
@@ -133,8 +168,9 @@ EvalResult run_eval(const EvalSettings& settings) {
   const std::string& input_path =
       from_logits ? settings.logits_path : settings.probs_path;
 
-  npy::Array input = npy::read(input_path);
-  npy::Array target = npy::read(settings.target_path);
+  check_grad_out(settings, input_option, input_path);
+  npy::Array input = read_option(input_option, input_path);
+  npy::Array target = read_option("--target", settings.target_path);
   check_inputs(input_option, input_path, input, settings.target_path, target);
 
   EvalResult result;

@@ -93,8 +93,13 @@ int main(int argc, char** argv) {
     if (error.get_exit_code() == static_cast<int>(CLI::ExitCodes::Success)) {
       return app.exit(error);  // --help or --version
     }
-    std::cerr << "qrloss: " << cli::one_line(error.what())
-              << " (run 'qrloss --help' for usage)" << std::endl;
+    // The options are listed by the help of the command being parsed.
+    std::string help = "qrloss --help";
+    for (const CLI::App* command : app.get_subcommands()) {
+      help = "qrloss " + command->get_name() + " --help";
+    }
+    std::cerr << "qrloss: " << cli::one_line(error.what()) << " (run '"
+              << help << "' for usage)" << std::endl;
     return cli::kExitUsage;
   } catch (const std::bad_alloc&) {
     std::cerr << "qrloss: internal error: out of memory" << std::endl;
