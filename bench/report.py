@@ -115,8 +115,8 @@ def main():
     args = parser.parse_args()
     if not args.qrloss.exists():
         sys.exit(f"report.py: qrloss binary not found: {args.qrloss}; build "
-                 "it with meson setup build-bench -Dsimd=avx512 "
-                 "-Dbenchmarks=true && ninja -C build-bench")
+                 "it with meson setup build-bench -Dbenchmarks=true "
+                 "-Dtests=false && ninja -C build-bench")
     main_table(args)
     if not args.only_main:
         scaling_tables(args)

@@ -80,9 +80,9 @@ CallSetup setup_call(const char* function, const T* input, const T* target,
 /// on copies repacked into one item of B * P pixels. At P = 16 the copies
 /// already cost more than the short tiles (RQ on two threads: 6.2 ns per
 /// element against 4.0).
-/// NOTE: beyond the caches the copies move every tensor through memory
-/// twice more, so a large B x C call still costs 2 to 6 times a
-/// segmentation call per element. Loading tiles straight from the
+/// NOTE: beyond the caches the copies read and write every tensor once
+/// more, so a large B x C call still costs 2 to 6 times a segmentation
+/// call per element. Loading tiles straight from the
 /// pixel-major layout would avoid the copies.
 inline constexpr Index kRepackBelowPixels = 16;
 
