@@ -100,8 +100,9 @@ void add_bench_command(CLI::App& app) {
   CLI::App* bench = app.add_subcommand(
       "bench", "Time the loss and its gradient on synthetic inputs.");
   bench->footer(
-      "Prints one JSON object: median_s (median time of loss plus gradient),\n"
-      "floor_s (a STREAM triad over as many elements, same threads),\n"
+      "Prints one JSON object: median_s (median time of loss plus gradient,\n"
+      "or of the loss alone with --loss-only), floor_s (a STREAM triad over\n"
+      "as many elements, same threads; from cache for shapes that fit),\n"
       "ratio_to_floor, gbytes_per_s, simd (the kernel variant that ran), the\n"
       "loss and the settings. The environment variable\n"
       "QRLOSS_ISA=baseline|avx2|avx512 lowers the kernel variant.");
