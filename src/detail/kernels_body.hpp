@@ -363,25 +363,34 @@ void add_cross_terms(ChunkSums& sums, Index k, const T* q, T* log_p, Index n,
   }
 }
 
-/// Computes the QR loss of eq. 1 from the class sums and the cross term
-/// sum_n sum_c q log(p + eps), and sets class_term[c] = h_c / N [eq. 2].
-template <typename T>
-double qr_loss_value(const CallSetup& call, const std::vector<double>& sum_q,
-                     double cross, std::vector<T>& class_term) {
-  const auto C = static_cast<std::size_t>(call.geometry.C);
+/// Computes the QR loss of eq. 1 from the class sums S_c and the cross
+/// term sum_n sum_c q log(p + eps).
+inline double qr_loss_value(const CallSetup& call,
+                            const std::vector<double>& sum_q, double cross) {
   const double num_pixels = static_cast<double>(call.geometry.num_pixels());
   double loss = -cross / num_pixels;
-  class_term.assign(C, T(0));
-  for (std::size_t c = 0; c < C; ++c) {
-    const double qbar = sum_q[c] / num_pixels;
-    double h = std::log(call.eps);  // limit of h as qbar -> 0+ [eq. 2]
-    if (qbar > 0.0) {
-      loss += qbar * std::log(qbar + call.eps);
-      h = std::log(qbar + call.eps) + qbar / (qbar + call.eps);
-    }
-    class_term[c] = static_cast<T>(call.inv_pixels * h);
+  for (const double S : sum_q) {
+    const double qbar = S / num_pixels;
+    if (qbar > 0.0) loss += qbar * std::log(qbar + call.eps);
   }
   return loss;
+}
+
+/// Returns h_c / N for every class [eq. 2], the batch-wide part of QR's
+/// gradient, from the class sums S_c.
+template <typename T>
+std::vector<T> qr_class_terms(const CallSetup& call,
+                              const std::vector<double>& sum_q) {
+  const double num_pixels = static_cast<double>(call.geometry.num_pixels());
+  std::vector<T> class_term;
+  class_term.reserve(sum_q.size());
+  for (const double S : sum_q) {
+    const double qbar = S / num_pixels;
+    double h = std::log(call.eps);  // limit of h as qbar -> 0+ [eq. 2]
+    if (qbar > 0.0) h = std::log(qbar + call.eps) + qbar / (qbar + call.eps);
+    class_term.push_back(static_cast<T>(call.inv_pixels * h));
+  }
+  return class_term;
 }
 
 /// Computes QR with one log per element. Without a gradient, one pass reads
@@ -451,16 +460,14 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
   ClassStats stats;
   stats.sum_q.assign(totals.begin(), totals.begin() + C);
   stats.num_pixels = static_cast<double>(geometry.num_pixels());
-  std::vector<T> class_term;
   if (!want_grad) {
     raise_if_bad(call, "target", target, bad_target);
-    const double loss = qr_loss_value(call, stats.sum_q, totals.back(),
-                                      class_term);
+    const double loss = qr_loss_value(call, stats.sum_q, totals.back());
     raise_if_nan(call, loss, "the loss");
     return loss;
   }
   // h_c needs only S_c, so the cross term can wait for pass 2.
-  qr_loss_value(call, stats.sum_q, 0.0, class_term);
+  const std::vector<T> class_term = qr_class_terms<T>(call, stats.sum_q);
 
   // Pass 2: the cross term of eq. 1 and dL/dq = (1/N) (h_c - log(p + eps))
   // [eq. 2], chained to the logits per tile when the input is logits
@@ -517,8 +524,7 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
   });
   raise_if_bad(call, "target", target, bad_target);
 
-  const double loss =
-      qr_loss_value(call, stats.sum_q, cross.total()[0], class_term);
+  const double loss = qr_loss_value(call, stats.sum_q, cross.total()[0]);
   raise_if_nan(call, loss, "the loss");
   if (kFromLogits && std::isinf(loss)) {
     // In exact arithmetic every q = softmax(x) is > 0, so the loss is +inf
