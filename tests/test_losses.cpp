@@ -252,11 +252,14 @@ qrloss::GradientCheckReport check_entry_gradient(
   return qrloss::check_gradient(f, x, analytic, check);
 }
 
+// Items of fewer than 16 pixels run on a repacked copy (the first three
+// shapes), the others on the caller's layout.
 const Shape kGradientShapes[] = {
     {2, 5, 3, 4},
     {3, 1, 2, 2},  // C = 1
     {7, 4},        // rank 2
     {1, 3, 1, 17},
+    {2, 3, 4, 5},  // two items of 20 pixels
 };
 
 constexpr double kGradientEps[] = {1e-8, 1e-3, 0.0};
