@@ -1699,18 +1699,25 @@ TEST_SUITE("losses") {
     // with q = 0, so its sum is clamped at 1e-12 and the weight p/(s t) is
     // about 1e12: any rounding in log((r + eps)/(q + eps)) at r = q = 0 is
     // multiplied by it. The second case has r and q far below eps, where
-    // the log of the rounded ratio loses the difference.
+    // the log of the rounded ratio loses the difference. In the third, q
+    // of class 1 is the smallest subnormal float and its class sum is
+    // clamped at eps, so q p is subnormal in float, while z p with
+    // z = q / s is not.
     struct Case {
+      Shape shape;
       std::vector<double> probs;
       std::vector<double> target;
       double eps;
     };
+    const double tiny = std::numeric_limits<float>::denorm_min();
     const std::vector<Case> cases = {
-        {{0.6, 0.0, 0.0, 0.0}, {0.5, 0.5, 0.5, 0.5}, 9e-4},
-        {{0.6, 5e-30, 0.4, 0.0}, {1.0, 1.0, 0.0, 0.0}, 1e-8},
+        {{1, 2, 1, 2}, {0.6, 0.0, 0.0, 0.0}, {0.5, 0.5, 0.5, 0.5}, 9e-4},
+        {{1, 2, 1, 2}, {0.6, 5e-30, 0.4, 0.0}, {1.0, 1.0, 0.0, 0.0}, 1e-8},
+        {{1, 2}, {0.8168, tiny}, {tiny, 0.8168}, 1e-8},
     };
-    const Shape shape{1, 2, 1, 2};
     for (const Case& test : cases) {
+      const std::string shape_text = qrloss::format_shape(test.shape);
+      CAPTURE(shape_text);
       CAPTURE(test.eps);
       LossOptions options;
       options.eps = test.eps;
@@ -1719,13 +1726,13 @@ TEST_SUITE("losses") {
                                         test.target.end());
       const std::vector<double> probs64(probs32.begin(), probs32.end());
       const std::vector<double> target64(target32.begin(), target32.end());
-      std::vector<float> grad32(4);
-      std::vector<double> grad64(4);
+      std::vector<float> grad32(probs32.size());
+      std::vector<double> grad64(probs64.size());
       qrloss::rq_loss_grad(probs32.data(), target32.data(), grad32.data(),
-                           shape, options);
+                           test.shape, options);
       qrloss::rq_loss_grad(probs64.data(), target64.data(), grad64.data(),
-                           shape, options);
-      for (int i = 0; i < 4; ++i) {
+                           test.shape, options);
+      for (std::size_t i = 0; i < grad32.size(); ++i) {
         CAPTURE(i);
         CAPTURE(grad32[i]);
         CAPTURE(grad64[i]);
