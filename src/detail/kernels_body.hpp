@@ -349,16 +349,17 @@ void store_gradient_tile(const Geometry& geometry, const Rows<T>& probs,
 // ---------------------------------------------------------------------------
 
 /// Adds sum_i q[i] log(p[i] + eps) over a row to sum k, where log_p contains
-/// log(p + eps) and may be overwritten. With eps = 0, 0 * log(0) counts as
-/// 0. With eps > 0 the log is finite anyway.
+/// log(p + eps). With eps = 0, 0 * log(0) counts as 0, and the products go
+/// through `scratch` (which may be log_p itself). With eps > 0 the log is
+/// finite anyway.
 template <typename T>
-void add_cross_terms(ChunkSums& sums, Index k, const T* q, T* log_p, Index n,
-                     bool eps_zero) {
+void add_cross_terms(ChunkSums& sums, Index k, const T* q, const T* log_p,
+                     T* scratch, Index n, bool eps_zero) {
   if (eps_zero) {
     for (Index i = 0; i < n; ++i) {
-      log_p[i] = q[i] > T(0) ? q[i] * log_p[i] : T(0);
+      scratch[i] = q[i] > T(0) ? q[i] * log_p[i] : T(0);
     }
-    sums.add(k, log_p, n);
+    sums.add(k, scratch, n);
   } else {
     sums.add_products(k, q, log_p, n);
   }
@@ -449,7 +450,7 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
           scan_row(p, n, ValueRule::kNonNegative, offset, chunk, bad_target);
         }
         log_shifted(p, eps, log_p, n);
-        add_cross_terms(sums, C, q, log_p, n, eps_zero);
+        add_cross_terms(sums, C, q, log_p, log_p, n, eps_zero);
       }
     });
     sums.finish();
@@ -457,7 +458,7 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
   });
   raise_if_bad(call, call.input_name, input, bad_input);
 
-  std::vector<double> totals = partial.total();
+  const std::vector<double> totals = partial.total();
   ClassStats stats;
   stats.sum_q.assign(totals.begin(), totals.begin() + C);
   stats.num_pixels = static_cast<double>(geometry.num_pixels());
@@ -494,18 +495,16 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
         prefetch_ahead(q, n);
         prefetch_ahead(p, n);
         log_shifted(p, eps, out, n);
+        add_cross_terms(sums, 0, q, out, log_p, n, eps_zero);
         Flag<T> bad = 0;
         if (eps_zero) {
           // With eps = 0 the loss is +inf for any q > 0 where p = 0.
-          std::copy(out, out + n, log_p);
-          add_cross_terms(sums, 0, q, log_p, n, true);
           QRLOSS_SIMD_LOOP_FLAGS
           for (Index i = 0; i < n; ++i) {
             out[i] = p[i] > T(0) ? h - inv_pixels * out[i] : kInf;
             bad |= invalid_flag(p[i], ValueRule::kNonNegative);
           }
         } else {
-          sums.add_products(0, q, out, n);
           QRLOSS_SIMD_LOOP_FLAGS
           for (Index i = 0; i < n; ++i) {
             out[i] = h - inv_pixels * out[i];

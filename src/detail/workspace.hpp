@@ -60,12 +60,11 @@ class Workspaces {
       : spaces_(static_cast<std::size_t>(threads)) {
     // Two rounds over the same layout: the first sizes the block, the
     // second hands out the pointers.
-    std::size_t bytes = layout(C, L, needs, nullptr);
+    const std::size_t bytes = layout(C, L, needs, nullptr);
     block_.reset(new unsigned char[bytes + kAlign]);
     const auto start = reinterpret_cast<std::uintptr_t>(block_.get());
     const std::uintptr_t aligned = (start + kAlign - 1) / kAlign * kAlign;
-    bytes = layout(C, L, needs, reinterpret_cast<unsigned char*>(aligned));
-    static_cast<void>(bytes);
+    layout(C, L, needs, reinterpret_cast<unsigned char*>(aligned));
   }
   Workspace<T>& operator[](std::size_t thread) { return spaces_[thread]; }
 
