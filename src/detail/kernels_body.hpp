@@ -242,7 +242,7 @@ Rows<T> load_probs(const Geometry& geometry, const T* input, Index b, Index p0,
   } else {
     const Flag<T> bad =
         softmax_tile(first, geometry.P, geometry.C, n, space.q.data(), tile,
-                     space.pixel.data(), space.sum.data());
+                     space.pixel.data());
     if (log != nullptr && bad != 0) {
       for (Index c = 0; c < geometry.C; ++c) {
         const Index row = geometry.offset(b, c, p0);
@@ -365,6 +365,35 @@ void add_cross_terms(ChunkSums& sums, Index k, const T* q, const T* log_p,
   }
 }
 
+/// One class row of QR's gradient pass in one loop. On entry g holds
+/// log(p + eps); the loop adds q log(p + eps) to the cross term (sum 0 of
+/// `sums`), overwrites g with dL/dq = h - log(p + eps) / N [eq. 2] and
+/// flags bad targets. With kDot it also adds g q to the per-pixel dot
+/// products of eq. 7, in class order as softmax_vjp_tile does. With
+/// kEpsZero, 0 * log(0) counts as 0 in the cross term, and dL/dq is +inf
+/// where p = 0, since the loss is then +inf for any q > 0. Returns the
+/// flags of p.
+template <bool kDot, bool kEpsZero, typename T>
+Flag<T> qr_gradient_row(ChunkSums& sums, const T* q, const T* p, T* g,
+                        double* dot, Index n, T h, T inv_pixels) {
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  return sums.add_each<T>(0, n, [&](Index i, Flag<T>& bad) {
+    const T log_p = g[i];
+    T product = q[i] * log_p;
+    T gi = h - inv_pixels * log_p;
+    if constexpr (kEpsZero) {
+      product = q[i] > T(0) ? product : T(0);
+      gi = p[i] > T(0) ? gi : kInf;
+    }
+    g[i] = gi;
+    if constexpr (kDot) {
+      dot[i] += static_cast<double>(gi) * static_cast<double>(q[i]);
+    }
+    bad |= invalid_flag(p[i], ValueRule::kNonNegative);
+    return product;
+  });
+}
+
 /// Computes the QR loss of eq. 1 from the class sums S_c and the cross
 /// term sum_n sum_c q log(p + eps).
 inline double qr_loss_value(const CallSetup& call,
@@ -476,7 +505,6 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
   // [eq. 7].
   PartialSums cross(call.plan.num_chunks, 1);
   const T inv_pixels = static_cast<T>(call.inv_pixels);
-  constexpr T kInf = std::numeric_limits<T>::infinity();
   run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
     Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
     ChunkSums sums(space.lanes.data(), 1, cross.chunk(chunk));
@@ -485,39 +513,37 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
           kFromLogits ? cached_probs(geometry, grad, b, p0)
                       : load_probs<T, false>(geometry, input, b, p0, n, L,
                                              space, chunk, nullptr);
-      T* log_p = space.tmp1.data();
+      double* dot = space.sum.data();
+      if constexpr (kFromLogits) std::fill(dot, dot + n, 0.0);
       for (Index c = 0; c < C; ++c) {
         const Index offset = geometry.offset(b, c, p0);
         const T* q = probs.row(c);
         const T* p = target + offset;
         T* out = space.grad.data() + c * L;
-        const T h = class_term[static_cast<std::size_t>(c)];
         prefetch_ahead(q, n);
         prefetch_ahead(p, n);
         log_shifted(p, eps, out, n);
-        add_cross_terms(sums, 0, q, out, log_p, n, eps_zero);
-        Flag<T> bad = 0;
-        if (eps_zero) {
-          // With eps = 0 the loss is +inf for any q > 0 where p = 0.
-          QRLOSS_SIMD_LOOP_FLAGS
-          for (Index i = 0; i < n; ++i) {
-            out[i] = p[i] > T(0) ? h - inv_pixels * out[i] : kInf;
-            bad |= invalid_flag(p[i], ValueRule::kNonNegative);
-          }
-        } else {
-          QRLOSS_SIMD_LOOP_FLAGS
-          for (Index i = 0; i < n; ++i) {
-            out[i] = h - inv_pixels * out[i];
-            bad |= invalid_flag(p[i], ValueRule::kNonNegative);
-          }
-        }
+        const T h = class_term[static_cast<std::size_t>(c)];
+        const Flag<T> bad =
+            eps_zero ? qr_gradient_row<kFromLogits, true>(sums, q, p, out,
+                                                          dot, n, h, inv_pixels)
+                     : qr_gradient_row<kFromLogits, false>(
+                           sums, q, p, out, dot, n, h, inv_pixels);
         if (call.check && bad != 0) {
           log_first_invalid(p, n, ValueRule::kNonNegative, offset, chunk,
                             bad_target);
         }
       }
-      store_gradient_tile<T, kFromLogits>(geometry, probs, space, L, b, p0, n,
-                                          grad);
+      if constexpr (kFromLogits) {
+        // dL/dx goes straight to the rows that q was read from, as in
+        // store_gradient_tile; the dot products of eq. 7 are complete.
+        softmax_vjp_apply(probs.base, probs.stride, space.grad.data(), L,
+                          grad + geometry.offset(b, 0, p0), geometry.P, C, n,
+                          dot, space.pixel.data());
+      } else {
+        store_gradient_tile<T, false>(geometry, probs, space, L, b, p0, n,
+                                      grad);
+      }
     });
     sums.finish();
     finish_streaming_stores();
@@ -816,15 +842,15 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         // dx_c -= q_c (term_c - sum_k term_k q_k).
         const Rows<T> probs = load_probs<T, true>(geometry, input, b, p0, n, L,
                                                   space, chunk, nullptr);
-        double* dot = space.sum.data();
         T* dot_t = space.pixel.data();
-        std::fill(dot, dot + n, 0.0);
-        for (Index c = 0; c < C; ++c) {
-          const T* q = probs.row(c);
-          const double term = double(class_term[static_cast<std::size_t>(c)]);
-          for (Index i = 0; i < n; ++i) dot[i] += term * double(q[i]);
-        }
-        for (Index i = 0; i < n; ++i) dot_t[i] = static_cast<T>(dot[i]);
+        const T* terms = class_term.data();
+        sum_over_classes(
+            C, n,
+            [&](Index c, Index i) {
+              return static_cast<double>(terms[c]) *
+                     static_cast<double>(probs.row(c)[i]);
+            },
+            [&](Index i, double total) { dot_t[i] = static_cast<T>(total); });
         for (Index c = 0; c < C; ++c) {
           const T* q = probs.row(c);
           T* out = grad + geometry.offset(b, c, p0);
@@ -899,7 +925,7 @@ void softmax_impl(const char* function, const T* logits, T* probs,
         const Index offset = geometry.offset(b, 0, p0);
         const Flag<T> bad = softmax_tile(
             logits + offset, geometry.P, geometry.C, n, space.q.data(), L,
-            space.pixel.data(), space.sum.data());
+            space.pixel.data());
         if (bad != 0) {
           log_tile_rows(geometry, logits, b, p0, n, ValueRule::kFinite, chunk,
                         bad_logits);

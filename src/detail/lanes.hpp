@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "detail/isa.hpp"
 #include "detail/passes.hpp"
@@ -62,6 +63,46 @@ inline Flag<T> invalid_flag(T v, ValueRule rule) {
 }
 
 
+/// Calls finish(i, s_i) for every pixel i < n, where s_i is the sum over
+/// classes c < C of term(c, i, flag) in double, added in class order from
+/// 0.0, and returns the | of the flags that the terms set. Pixels go in
+/// blocks whose sums stay in registers while the classes are added; a loop
+/// per class that adds its row into an array of sums loads and stores
+/// every sum once per class instead. The additions are the same and in the
+/// same order, so the sums are bitwise those of that loop.
+template <typename FlagT, typename Term, typename Finish>
+inline FlagT sum_over_classes_checked(Index C, Index n, Term&& term,
+                                      Finish&& finish) {
+  constexpr Index kBlock = 16;
+  FlagT flags[kBlock] = {};
+  Index i0 = 0;
+  for (; i0 + kBlock <= n; i0 += kBlock) {
+    double acc[kBlock] = {};
+    for (Index c = 0; c < C; ++c) {
+      QRLOSS_SIMD_LOOP
+      for (Index j = 0; j < kBlock; ++j) acc[j] += term(c, i0 + j, flags[j]);
+    }
+    QRLOSS_SIMD_LOOP
+    for (Index j = 0; j < kBlock; ++j) finish(i0 + j, acc[j]);
+  }
+  for (Index i = i0; i < n; ++i) {
+    double total = 0.0;
+    for (Index c = 0; c < C; ++c) total += term(c, i, flags[0]);
+    finish(i, total);
+  }
+  FlagT any = 0;
+  for (Index j = 0; j < kBlock; ++j) any |= flags[j];
+  return any;
+}
+
+/// sum_over_classes_checked for terms term(c, i) that check nothing.
+template <typename Term, typename Finish>
+inline void sum_over_classes(Index C, Index n, Term&& term, Finish&& finish) {
+  sum_over_classes_checked<int>(
+      C, n, [&](Index c, Index i, int&) { return term(c, i); },
+      std::forward<Finish>(finish));
+}
+
 /// Adds x[0, n) into lanes[0, kLanes). The loop runs on a local copy of
 /// the lanes because GCC keeps that in registers, while it loads and
 /// stores lanes reached through the pointer on every step.
@@ -105,26 +146,26 @@ class ChunkSums {
   /// multiplication would, to sum k.
   template <typename T>
   void add_products(Index k, const T* x, const T* y, Index n) {
-    double* lanes = lanes_ + k * kLanes;
-    double acc[kLanes];
-    std::copy(lanes, lanes + kLanes, acc);
-    Index i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        const T product = x[i + j] * y[i + j];
-        acc[j] += static_cast<double>(product);
-      }
-    }
-    for (int j = 0; i + j < n; ++j) {
-      const T product = x[i + j] * y[i + j];
-      acc[j] += static_cast<double>(product);
-    }
-    std::copy(acc, acc + kLanes, lanes);
+    add_each<T>(k, n, [&](Index i, Flag<T>&) {
+      const T product = x[i] * y[i];
+      return product;
+    });
   }
   /// add(), which also returns whether every x[i] satisfies the rule: one
   /// read of the row instead of two.
   template <typename T>
   bool add_checked(Index k, const T* x, Index n, ValueRule rule) {
+    return add_each<T>(k, n, [&](Index i, Flag<T>& bad) {
+             bad |= invalid_flag(x[i], rule);
+             return x[i];
+           }) == 0;
+  }
+  /// Adds step(i, flag) to sum k for every i < n, in the lane order of
+  /// add(), and returns the | of the flags that step sets. A step may also
+  /// write results of its own element, so that one loop does what would
+  /// otherwise take several passes over the same rows.
+  template <typename T, typename Step>
+  Flag<T> add_each(Index k, Index n, Step&& step) {
     double* lanes = lanes_ + k * kLanes;
     double acc[kLanes];
     std::copy(lanes, lanes + kLanes, acc);
@@ -132,18 +173,16 @@ class ChunkSums {
     Index i = 0;
     for (; i + kLanes <= n; i += kLanes) {
       for (int j = 0; j < kLanes; ++j) {
-        acc[j] += static_cast<double>(x[i + j]);
-        bad[j] |= invalid_flag(x[i + j], rule);
+        acc[j] += static_cast<double>(step(i + j, bad[j]));
       }
     }
     for (int j = 0; i + j < n; ++j) {
-      acc[j] += static_cast<double>(x[i + j]);
-      bad[j] |= invalid_flag(x[i + j], rule);
+      acc[j] += static_cast<double>(step(i + j, bad[j]));
     }
     std::copy(acc, acc + kLanes, lanes);
     Flag<T> any = 0;
     for (int j = 0; j < kLanes; ++j) any |= bad[j];
-    return any == 0;
+    return any;
   }
   void finish() {
     for (Index k = 0; k < width_; ++k) out_[k] = reduce_lanes(lanes_ + k * kLanes);

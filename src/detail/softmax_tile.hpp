@@ -12,12 +12,12 @@ namespace qrloss::detail::QRLOSS_ISA {
 
 /// Computes q = softmax(x) over C for n pixels. Row c of x starts at
 /// x + c * x_stride; row c of q at q + c * q_stride (aligned scratch).
-/// `pixel` (T) and `sum` (double) are scratch of at least n entries.
+/// `pixel` is scratch of at least n entries.
 /// Returns nonzero when some x is not finite (checked in the loop that
 /// reads x first), and prefetches the rows two tiles ahead.
 template <typename T>
 Flag<T> softmax_tile(const T* x, Index x_stride, Index C, Index n, T* q,
-                     Index q_stride, T* pixel, double* sum) {
+                     Index q_stride, T* pixel) {
   // Subtracting the per-pixel max keeps exp <= 1, so nothing overflows.
   Flag<T> bad = 0;
   QRLOSS_SIMD_LOOP_FLAGS
@@ -35,22 +35,43 @@ Flag<T> softmax_tile(const T* x, Index x_stride, Index C, Index n, T* q,
       bad |= invalid_flag(row[i], ValueRule::kFinite);
     }
   }
-  std::fill(sum, sum + n, 0.0);
   for (Index c = 0; c < C; ++c) {
-    T* out = q + c * q_stride;
-    const T* row = x + c * x_stride;
-    exp_difference(row, pixel, out, n);
-    QRLOSS_SIMD_LOOP
-    for (Index i = 0; i < n; ++i) sum[i] += static_cast<double>(out[i]);
+    exp_difference(x + c * x_stride, pixel, q + c * q_stride, n);
   }
-  QRLOSS_SIMD_LOOP
-  for (Index i = 0; i < n; ++i) pixel[i] = static_cast<T>(1.0 / sum[i]);
+  sum_over_classes(
+      C, n,
+      [&](Index c, Index i) { return static_cast<double>(q[c * q_stride + i]); },
+      [&](Index i, double total) { pixel[i] = static_cast<T>(1.0 / total); });
   for (Index c = 0; c < C; ++c) {
     T* out = q + c * q_stride;
     QRLOSS_SIMD_LOOP
     for (Index i = 0; i < n; ++i) out[i] *= pixel[i];
   }
   return bad;
+}
+
+/// The second half of softmax_vjp_tile: writes dx_c = q_c * (g_c - dot)
+/// once dot (double) holds sum_k g_k q_k for each of the n pixels, in class
+/// order. Rows and scratch as in softmax_vjp_tile.
+template <typename T>
+void softmax_vjp_scale(const T* q, Index q_stride, const T* g, Index g_stride,
+                       T* out, Index out_stride, Index C, Index n,
+                       const T* dot) {
+  for (Index c = 0; c < C; ++c) {
+    const T* qr = q + c * q_stride;
+    const T* gr = g + c * g_stride;
+    T* dst = out + c * out_stride;
+    for (Index i = 0; i < n; ++i) dst[i] = qr[i] * (gr[i] - dot[i]);
+  }
+}
+
+template <typename T>
+void softmax_vjp_apply(const T* q, Index q_stride, const T* g, Index g_stride,
+                       T* out, Index out_stride, Index C, Index n,
+                       const double* dot, T* pixel) {
+  QRLOSS_SIMD_LOOP
+  for (Index i = 0; i < n; ++i) pixel[i] = static_cast<T>(dot[i]);
+  softmax_vjp_scale(q, q_stride, g, g_stride, out, out_stride, C, n, pixel);
 }
 
 /// Writes dx_c = q_c * (g_c - sum_k g_k q_k) for n pixels. Rows are
@@ -65,32 +86,30 @@ template <bool kCheck = false, typename T>
 Flag<T> softmax_vjp_tile(const T* q, Index q_stride, const T* g,
                          Index g_stride, T* out, Index out_stride, Index C,
                          Index n, double* dot, T* pixel) {
-  std::fill(dot, dot + n, 0.0);
   Flag<T> bad = 0;
-  for (Index c = 0; c < C; ++c) {
-    const T* qr = q + c * q_stride;
-    const T* gr = g + c * g_stride;
-    if constexpr (kCheck) {
+  if constexpr (kCheck) {
+    std::fill(dot, dot + n, 0.0);
+    for (Index c = 0; c < C; ++c) {
+      const T* qr = q + c * q_stride;
+      const T* gr = g + c * g_stride;
       QRLOSS_SIMD_LOOP_FLAGS
       for (Index i = 0; i < n; ++i) {
         dot[i] += static_cast<double>(gr[i]) * static_cast<double>(qr[i]);
         bad |= invalid_flag(qr[i], ValueRule::kNonNegative) |
                invalid_flag(gr[i], ValueRule::kFinite);
       }
-    } else {
-      QRLOSS_SIMD_LOOP
-      for (Index i = 0; i < n; ++i) {
-        dot[i] += static_cast<double>(gr[i]) * static_cast<double>(qr[i]);
-      }
     }
-  }
-  QRLOSS_SIMD_LOOP
-  for (Index i = 0; i < n; ++i) pixel[i] = static_cast<T>(dot[i]);
-  for (Index c = 0; c < C; ++c) {
-    const T* qr = q + c * q_stride;
-    const T* gr = g + c * g_stride;
-    T* dst = out + c * out_stride;
-    for (Index i = 0; i < n; ++i) dst[i] = qr[i] * (gr[i] - pixel[i]);
+    softmax_vjp_apply(q, q_stride, g, g_stride, out, out_stride, C, n, dot,
+                      pixel);
+  } else {
+    sum_over_classes(
+        C, n,
+        [&](Index c, Index i) {
+          return static_cast<double>(g[c * g_stride + i]) *
+                 static_cast<double>(q[c * q_stride + i]);
+        },
+        [&](Index i, double total) { pixel[i] = static_cast<T>(total); });
+    softmax_vjp_scale(q, q_stride, g, g_stride, out, out_stride, C, n, pixel);
   }
   return bad;
 }
