@@ -287,26 +287,18 @@ void add_probs_row(ChunkSums& sums, Index k, const T* q, Index n,
   }
 }
 
-/// Runs tile_fn(b, p0, n) over the tiles of one chunk.
+/// Runs tile_fn(b, p0, n) over the tiles of one chunk. With a tile
+/// length of plan.chunk_pixels, the tiles are the runs of the chunk's
+/// pixels that lie in one batch item: the longest rows a pass can take
+/// when it works on each class row by itself.
 template <typename TileFn>
 void for_each_tile_of_chunk(const CallSetup& call, Index chunk,
-                            TileFn&& tile_fn) {
+                            TileFn&& tile_fn, Index tile_length = 0) {
   const Index begin = chunk * call.plan.chunk_pixels;
   const Index end =
       std::min(begin + call.plan.chunk_pixels, call.geometry.num_pixels());
-  for_each_tile(call.geometry, begin, end, call.tile, tile_fn);
-}
-
-/// Runs run_fn(b, p0, n) over the runs of pixels of one chunk that lie in
-/// one batch item: the longest rows a pass can take when it works on each
-/// class row by itself, with no sum over classes per pixel.
-template <typename RunFn>
-void for_each_run_of_chunk(const CallSetup& call, Index chunk,
-                           RunFn&& run_fn) {
-  const Index begin = chunk * call.plan.chunk_pixels;
-  const Index end =
-      std::min(begin + call.plan.chunk_pixels, call.geometry.num_pixels());
-  for_each_tile(call.geometry, begin, end, call.plan.chunk_pixels, run_fn);
+  for_each_tile(call.geometry, begin, end,
+                tile_length > 0 ? tile_length : call.tile, tile_fn);
 }
 
 /// The first pass over the caller's probs when it only sums S_c: each
@@ -316,12 +308,13 @@ void for_each_run_of_chunk(const CallSetup& call, Index chunk,
 template <typename T>
 void sum_probs_rows(const CallSetup& call, const T* probs, ChunkSums& sums,
                     Index chunk, BadIndexLog* log) {
-  for_each_run_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
+  const auto sum_run = [&](Index b, Index p0, Index n) {
     for (Index c = 0; c < call.geometry.C; ++c) {
       const Index offset = call.geometry.offset(b, c, p0);
       add_probs_row<T, false>(sums, c, probs + offset, n, offset, chunk, log);
     }
-  });
+  };
+  for_each_tile_of_chunk(call, chunk, sum_run, call.plan.chunk_pixels);
 }
 
 template <typename T>
