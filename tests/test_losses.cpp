@@ -1053,9 +1053,10 @@ TEST_SUITE("losses") {
 
   TEST_CASE_TEMPLATE("few-pixel items report caller position", T, float,
                      double) {
-    // The repacked copy is checked where the caller's values are, so the
-    // position names the caller's (b, c), and the first bad value in the
-    // caller's memory order is reported.
+    // The repacked copies are checked as they are made, and a bad value is
+    // then located in the caller's tensor: the position names the caller's
+    // (b, c), and the first bad value in the caller's memory order is
+    // reported.
     const Shape shape{300, 4};
     for (const EntryPoint& entry : kAllEntryPoints) {
       const std::string name = function_name(entry);
@@ -1063,24 +1064,26 @@ TEST_SUITE("losses") {
       std::vector<T> input = make_input<T>(entry.from_logits, shape, 530);
       std::vector<T> target = testing::random_simplex<T>(shape, 531);
       std::vector<T> grad(input.size());
+      const auto rejects = [&](const std::string& message) {
+        testing::check_invalid_argument(
+            [&] {
+              call_entry(entry, input.data(), target.data(), grad.data(),
+                         shape);
+            },
+            message);
+      };
+      const std::string bad_input = name + ": non-finite input: " +
+                                    input_name(entry) +
+                                    " is nan at (b=201,c=3)";
       input[250 * 4 + 1] = std::numeric_limits<T>::quiet_NaN();
       input[201 * 4 + 3] = std::numeric_limits<T>::quiet_NaN();
-      testing::check_invalid_argument(
-          [&] {
-            call_entry(entry, input.data(), target.data(), grad.data(),
-                       shape);
-          },
-          name + ": non-finite input: " + input_name(entry) +
-              " is nan at (b=201,c=3)");
-      input = make_input<T>(entry.from_logits, shape, 530);
+      rejects(bad_input);
+      // A bad target does not hide the bad input, as in a direct call.
       target[7 * 4 + 2] = T(-0.5);
-      testing::check_invalid_argument(
-          [&] {
-            call_entry(entry, input.data(), target.data(), grad.data(),
-                       shape);
-          },
-          name + ": negative input: target is -0.5 at (b=7,c=2), expected "
-                 ">= 0");
+      rejects(bad_input);
+      input = make_input<T>(entry.from_logits, shape, 530);
+      rejects(name +
+              ": negative input: target is -0.5 at (b=7,c=2), expected >= 0");
     }
   }
 

@@ -621,6 +621,45 @@ TEST_SUITE("softmax") {
     CHECK(testing::same_bits(grad, before));
   }
 
+  TEST_CASE_TEMPLATE("few-pixel items report caller position", T, float,
+                     double) {
+    // 300 x 4 runs on repacked copies, which are checked as they are made:
+    // the error still names the first bad value in the caller's memory
+    // order, probs before dL_dq, and in place dL_dq is left unchanged.
+    constexpr T kNaN = std::numeric_limits<T>::quiet_NaN();
+    constexpr T kInf = std::numeric_limits<T>::infinity();
+    const Shape shape{300, 4};
+    std::vector<T> logits = testing::random_logits<T>(shape, 460);
+    logits[250 * 4 + 1] = kNaN;
+    logits[201 * 4 + 3] = -kInf;
+    std::vector<T> out(logits.size());
+    for (int threads : {1, 2}) {
+      CAPTURE(threads);
+      testing::check_invalid_argument(
+          [&] { qrloss::softmax(logits.data(), out.data(), shape, threads); },
+          "softmax: non-finite input: logits is -inf at (b=201,c=3)");
+    }
+
+    std::vector<T> probs = testing::random_simplex<T>(shape, 461);
+    std::vector<T> grad = testing::random_logits<T>(shape, 462);
+    probs[120 * 4 + 2] = T(-0.25);
+    grad[3 * 4 + 0] = kNaN;
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::softmax_vjp(probs.data(), grad.data(), out.data(), shape);
+        },
+        "softmax_vjp: negative input: probs is -0.25 at (b=120,c=2), "
+        "expected >= 0");
+    probs = testing::random_simplex<T>(shape, 461);
+    const std::vector<T> before = grad;
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::softmax_vjp(probs.data(), grad.data(), grad.data(), shape);
+        },
+        "softmax_vjp: non-finite input: dL_dq is nan at (b=3,c=0)");
+    CHECK(testing::same_bits(grad, before));
+  }
+
   TEST_CASE_TEMPLATE("jacobian bad input rejected", T, float, double) {
     testing::check_invalid_argument(
         [&] { qrloss::softmax_jacobian<T>(Vector<T>()); },

@@ -113,11 +113,13 @@ inline Shape repacked_shape(const Geometry& geometry) {
 /// fixes P = 1 at compile time. In the OpenMP region, a run length known
 /// only at run time made a copy of 4096 x 6 floats take 0.86 ns per
 /// element against 0.30.
-template <bool kUnpack, Index kRun, typename T>
-inline void repack_item_block(const T* src, T* dst, Index B, Index C,
-                              Index P, Index b0, Index b_end) {
+template <bool kUnpack, Index kRun, bool kCheck, typename T>
+inline Flag<T> repack_item_block(const T* src, T* dst, Index B, Index C,
+                                 Index P, Index b0, Index b_end,
+                                 ValueRule rule) {
   constexpr Index kClasses = 8;
   const Index run = kRun > 0 ? kRun : P;
+  Flag<T> bad = 0;
   for (Index c0 = 0; c0 < C; c0 += kClasses) {
     const Index c_end = std::min(C, c0 + kClasses);
     for (Index c = c0; c < c_end; ++c) {
@@ -126,19 +128,35 @@ inline void repack_item_block(const T* src, T* dst, Index B, Index C,
         const Index packed = (c * B + b) * run;
         const T* from = src + (kUnpack ? packed : item);
         T* to = dst + (kUnpack ? item : packed);
-        for (Index e = 0; e < run; ++e) to[e] = from[e];
+        for (Index e = 0; e < run; ++e) {
+          to[e] = from[e];
+          if constexpr (kCheck) bad |= invalid_flag(from[e], rule);
+        }
       }
     }
   }
+  return bad;
+}
+
+template <bool kUnpack, bool kCheck, typename T>
+inline Flag<T> repack_item_block(const T* src, T* dst, Index B, Index C,
+                                 Index P, Index b0, Index b_end,
+                                 ValueRule rule) {
+  return P == 1 ? repack_item_block<kUnpack, 1, kCheck>(src, dst, B, C, P, b0,
+                                                        b_end, rule)
+                : repack_item_block<kUnpack, 0, kCheck>(src, dst, B, C, P, b0,
+                                                        b_end, rule);
 }
 
 /// Copies a tensor of the given geometry to its repacked layout, where row
 /// c contains class c of every pixel: a transpose of B x C runs of P
 /// pixels. With `unpack`, copies back instead. Threads share the blocks of
-/// 64 items.
+/// 64 items. With a `rule`, the copy also checks every value it reads and
+/// returns whether all satisfy the rule, so that the caller's tensor is read
+/// once; the caller then scans it again only to locate a bad value.
 template <typename T>
-void repack_items(const Geometry& geometry, const T* src, T* dst, int threads,
-                  bool unpack) {
+bool repack_items(const Geometry& geometry, const T* src, T* dst, int threads,
+                  bool unpack, const ValueRule* rule = nullptr) {
   constexpr Index kItems = 64;
   const Index B = geometry.B;
   const Index C = geometry.C;
@@ -146,22 +164,23 @@ void repack_items(const Geometry& geometry, const T* src, T* dst, int threads,
   const Index item_blocks = (B + kItems - 1) / kItems;
   const int team = static_cast<int>(
       std::min<Index>(static_cast<Index>(threads), item_blocks));
-#pragma omp parallel for schedule(static) num_threads(team)
+  const ValueRule check_rule = rule != nullptr ? *rule : ValueRule::kFinite;
+  Flag<T> bad = 0;
+#pragma omp parallel for schedule(static) num_threads(team) reduction(|:bad)
   for (Index k = 0; k < item_blocks; ++k) {
     const Index b0 = k * kItems;
     const Index b_end = std::min(B, b0 + kItems);
-    if (P == 1) {
-      if (unpack) {
-        repack_item_block<true, 1>(src, dst, B, C, P, b0, b_end);
-      } else {
-        repack_item_block<false, 1>(src, dst, B, C, P, b0, b_end);
-      }
-    } else if (unpack) {
-      repack_item_block<true, 0>(src, dst, B, C, P, b0, b_end);
+    if (unpack) {
+      repack_item_block<true, false>(src, dst, B, C, P, b0, b_end, check_rule);
+    } else if (rule == nullptr) {
+      repack_item_block<false, false>(src, dst, B, C, P, b0, b_end,
+                                      check_rule);
     } else {
-      repack_item_block<false, 0>(src, dst, B, C, P, b0, b_end);
+      bad |= repack_item_block<false, true>(src, dst, B, C, P, b0, b_end,
+                                            check_rule);
     }
   }
+  return bad == 0;
 }
 
 /// Repacked copies of `copies` tensors of `geometry` in one allocation,
@@ -191,8 +210,9 @@ struct RepackBuffers {
 };
 
 /// Runs a loss kernel on repacked copies of the inputs and unpacks the
-/// gradient. The values are checked in the caller's buffers first, so that
-/// an error names the caller's position.
+/// gradient. The values are checked as they are copied, and a bad one is
+/// then located in the caller's buffer, so that an error names the
+/// caller's position.
 template <bool kFromLogits, typename T>
 double run_repacked(const CallSetup& call, const T* input, const T* target,
                     T* grad, const LossOptions& options,
@@ -200,17 +220,25 @@ double run_repacked(const CallSetup& call, const T* input, const T* target,
                                      const Shape&, const LossOptions&)) {
   const ValueRule input_rule =
       kFromLogits ? ValueRule::kFinite : ValueRule::kNonNegative;
+  const ValueRule target_rule = ValueRule::kNonNegative;
   const Geometry& geometry = call.geometry;
-  if (call.check) {
-    check_values(call.function, call.input_name, input, geometry, call.shape,
-                 input_rule, call.threads);
-    check_values(call.function, "target", target, geometry, call.shape,
-                 ValueRule::kNonNegative, call.threads);
-  }
   const RepackBuffers<T> packed(geometry, grad != nullptr ? 3 : 2);
   T* packed_grad = grad != nullptr ? packed.copy(2) : nullptr;
-  repack_items(geometry, input, packed.copy(0), call.threads, false);
-  repack_items(geometry, target, packed.copy(1), call.threads, false);
+  const bool input_ok =
+      repack_items(geometry, input, packed.copy(0), call.threads, false,
+                   call.check ? &input_rule : nullptr);
+  const bool target_ok =
+      repack_items(geometry, target, packed.copy(1), call.threads, false,
+                   call.check ? &target_rule : nullptr);
+  // Each scan throws, naming the first bad value in the caller's tensor.
+  if (!input_ok) {
+    check_values(call.function, call.input_name, input, geometry, call.shape,
+                 input_rule, call.threads);
+  }
+  if (!target_ok) {
+    check_values(call.function, "target", target, geometry, call.shape,
+                 target_rule, call.threads);
+  }
   LossOptions inner = options;
   inner.check_finite = false;  // checked above
   const double loss = kernel(call.function, packed.copy(0), packed.copy(1),
@@ -936,10 +964,13 @@ template <typename T>
 void softmax_impl(const char* function, const T* logits, T* probs,
                   const Geometry& geometry, const Shape& shape, int threads) {
   if (should_repack(geometry)) {
-    check_values(function, "logits", logits, geometry, shape,
-                 ValueRule::kFinite, threads);
     const RepackBuffers<T> packed(geometry, 2);
-    repack_items(geometry, logits, packed.copy(0), threads, false);
+    const ValueRule rule = ValueRule::kFinite;
+    if (!repack_items(geometry, logits, packed.copy(0), threads, false,
+                      &rule)) {
+      check_values(function, "logits", logits, geometry, shape, rule,
+                   threads);
+    }
     softmax_impl(function, packed.copy(0), packed.copy(1),
                  repacked_geometry(geometry), repacked_shape(geometry),
                  threads);
@@ -982,13 +1013,24 @@ void softmax_vjp_impl(const char* function, const T* probs, const T* dL_dq,
                       int threads) {
   const bool in_place = dL_dx == dL_dq;
   if (should_repack(geometry)) {
-    check_values(function, "probs", probs, geometry, shape,
-                 ValueRule::kNonNegative, threads);
-    check_values(function, "dL_dq", dL_dq, geometry, shape,
-                 ValueRule::kFinite, threads);
+    // The copies are checked as they are made; dL_dx is written only after
+    // the VJP of the copies, so in place a bad value still leaves dL_dq
+    // unchanged.
     const RepackBuffers<T> packed(geometry, 3);
-    repack_items(geometry, probs, packed.copy(0), threads, false);
-    repack_items(geometry, dL_dq, packed.copy(1), threads, false);
+    const ValueRule probs_rule = ValueRule::kNonNegative;
+    const ValueRule grad_rule = ValueRule::kFinite;
+    const bool probs_ok = repack_items(geometry, probs, packed.copy(0),
+                                       threads, false, &probs_rule);
+    const bool grad_ok = repack_items(geometry, dL_dq, packed.copy(1),
+                                      threads, false, &grad_rule);
+    if (!probs_ok) {
+      check_values(function, "probs", probs, geometry, shape, probs_rule,
+                   threads);
+    }
+    if (!grad_ok) {
+      check_values(function, "dL_dq", dL_dq, geometry, shape, grad_rule,
+                   threads);
+    }
     softmax_vjp_impl(function, packed.copy(0), packed.copy(1), packed.copy(2),
                      repacked_geometry(geometry), repacked_shape(geometry),
                      threads);
