@@ -66,10 +66,13 @@ using FilePtr = std::unique_ptr<std::FILE, FileCloser>;
   throw format_error("npy::read: " + problem + ": " + path + ": " + details);
 }
 
+// Throws "function: problem: path: reason", or "function: problem:
+// reason" when the problem text already names the path.
 [[noreturn]] void throw_io(const char* function, const std::string& problem,
                            const std::string& path, int error_number) {
-  throw io_error(std::string(function) + ": " + problem + ": " + path + ": " +
-                 std::generic_category().message(error_number));
+  std::string message = std::string(function) + ": " + problem + ": ";
+  if (!path.empty()) message += path + ": ";
+  throw io_error(message + std::generic_category().message(error_number));
 }
 
 // Returns a * b, or false when the product overflows int64. Both are >= 0.
@@ -522,8 +525,10 @@ FilePtr create_temporary(const std::string& path, std::string* temp_path) {
       break;
     }
   }
-  throw_io("npy::write", "cannot create temporary file", *temp_path,
-           error_number);
+  throw_io("npy::write",
+           "cannot write " + path + ": cannot create the temporary file " +
+               *temp_path + " next to it",
+           "", error_number);
 }
 
 void write_file(const std::string& path, const void* data, const Shape& shape,
@@ -565,8 +570,10 @@ void write_file(const std::string& path, const void* data, const Shape& shape,
   }
   if (!ok) {
     std::remove(temp_path.c_str());
-    throw_io("npy::write", "write failed", temp_path,
-             error_number != 0 ? error_number : EIO);
+    throw_io("npy::write",
+             "cannot write " + path + ": writing its temporary file " +
+                 temp_path + " failed",
+             "", error_number != 0 ? error_number : EIO);
   }
 
   std::error_code ec;

@@ -218,9 +218,15 @@ TEST_SUITE("npy") {
 
     SUBCASE("missing directory") {
       const std::string path = dir.file("no_such_dir/out.npy");
-      CHECK_THROWS_WITH_AS(npy::write(path, values.data(), {2}),
-                           doctest::Contains("cannot create temporary file"),
-                           npy::io_error);
+      // The message names the file the caller asked for, and then the
+      // temporary file that could not be created next to it.
+      CHECK_THROWS_WITH_AS(
+          npy::write(path, values.data(), {2}),
+          doctest::Contains(("npy::write: cannot write " + path +
+                             ": cannot create the temporary file " +
+                             dir.file("no_such_dir/.out.npy.tmp-"))
+                                .c_str()),
+          npy::io_error);
       CHECK_FALSE(fs::exists(path));
       CHECK(dir.entries().empty());
     }

@@ -156,7 +156,11 @@ double evaluate(const EvalSettings& settings, LossKind kind, bool from_logits,
                                     gradient_data, input.shape, options);
 
   if (gradient_data != nullptr) {
-    npy::write(settings.grad_out_path, gradient_data, input.shape);
+    try {
+      npy::write(settings.grad_out_path, gradient_data, input.shape);
+    } catch (const npy::io_error& error) {
+      throw npy::io_error(std::string("--grad-out: ") + error.what());
+    }
   }
   return loss;
 }
