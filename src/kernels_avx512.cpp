@@ -1,9 +1,10 @@
 // AVX-512 (F, DQ, VL, BW) kernel variant, chosen at run time
 // (detail/kernels.hpp).
-// NOTE: these kernels take up to 11 % longer than in a -Dsimd=avx512 build
-// on the machines of docs/performance.md, although their tile loops are
-// instruction for instruction the same. Code and data placement are the
-// likely causes, and no change tried so far helped every kernel.
+// NOTE: in some runs on the machines of docs/performance.md these kernels
+// took up to 11 % longer than in a -Dsimd=avx512 build (in others the same
+// time), although their tile loops are instruction for instruction the
+// same. Code and data placement are the likely causes, and no change tried
+// so far helped every kernel.
 
 #include "detail/kernel_prelude.hpp"
 #include "detail/kernels.hpp"
