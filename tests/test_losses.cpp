@@ -1010,11 +1010,16 @@ TEST_SUITE("losses") {
   TEST_CASE_TEMPLATE("few-pixel items match merged item", T, float, double) {
     // Items of fewer than 16 pixels run on a repacked copy, one item of
     // B * P pixels. {70,5}: rank 2, with a partial block of 64 items.
+    // {70,19} and {77,19}: rank 2 with register blocks of the transposing
+    // copy (8 x 8 floats, 4 x 4 doubles), a last block of classes that
+    // overlaps the one before, and 6 items left over (scalar) or 13
+    // (again an overlapping block).
     // {3000,3,2,3}: 6 pixels per item, 18000 pixels in 9 chunks. {2,3,3,5}:
     // 15 pixels, just below the threshold.
     std::uint64_t seed = 500;
     for (const Shape& shape :
-         {Shape{70, 5}, Shape{3000, 3, 2, 3}, Shape{2, 3, 3, 5}}) {
+         {Shape{70, 5}, Shape{70, 19}, Shape{77, 19}, Shape{3000, 3, 2, 3},
+          Shape{2, 3, 3, 5}}) {
       for (const EntryPoint& entry : kAllEntryPoints) {
         ++seed;
         const std::string name = function_name(entry);

@@ -299,7 +299,8 @@ TEST_SUITE("softmax") {
     // Items of fewer than 16 pixels run on a repacked copy. Each pixel's
     // softmax and VJP depend on that pixel alone, so the results match a
     // call on the merged tensor bit for bit, in place too.
-    for (const Shape& shape : {Shape{70, 5}, Shape{3000, 3, 2, 3}}) {
+    for (const Shape& shape :
+         {Shape{70, 5}, Shape{77, 19}, Shape{3000, 3, 2, 3}}) {
       const std::string shape_text = qrloss::format_shape(shape);
       CAPTURE(shape_text);
       const Shape merged = testing::merged_shape(shape);

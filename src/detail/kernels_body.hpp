@@ -113,13 +113,11 @@ inline Shape repacked_shape(const Geometry& geometry) {
 /// fixes P = 1 at compile time. In the OpenMP region, a run length known
 /// only at run time made a copy of 4096 x 6 floats take 0.86 ns per
 /// element against 0.30.
-template <bool kUnpack, Index kRun, bool kCheck, typename T>
-inline Flag<T> repack_item_block(const T* src, T* dst, Index B, Index C,
-                                 Index P, Index b0, Index b_end,
-                                 ValueRule rule) {
+template <bool kUnpack, Index kRun, typename T>
+inline void repack_item_block(const T* src, T* dst, Index B, Index C,
+                              Index P, Index b0, Index b_end) {
   constexpr Index kClasses = 8;
   const Index run = kRun > 0 ? kRun : P;
-  Flag<T> bad = 0;
   for (Index c0 = 0; c0 < C; c0 += kClasses) {
     const Index c_end = std::min(C, c0 + kClasses);
     for (Index c = c0; c < c_end; ++c) {
@@ -128,57 +126,153 @@ inline Flag<T> repack_item_block(const T* src, T* dst, Index B, Index C,
         const Index packed = (c * B + b) * run;
         const T* from = src + (kUnpack ? packed : item);
         T* to = dst + (kUnpack ? item : packed);
-        for (Index e = 0; e < run; ++e) {
-          to[e] = from[e];
-          if constexpr (kCheck) bad |= invalid_flag(from[e], rule);
-        }
+        for (Index e = 0; e < run; ++e) to[e] = from[e];
       }
     }
   }
-  return bad;
 }
 
-template <bool kUnpack, bool kCheck, typename T>
-inline Flag<T> repack_item_block(const T* src, T* dst, Index B, Index C,
-                                 Index P, Index b0, Index b_end,
-                                 ValueRule rule) {
-  return P == 1 ? repack_item_block<kUnpack, 1, kCheck>(src, dst, B, C, P, b0,
-                                                        b_end, rule)
-                : repack_item_block<kUnpack, 0, kCheck>(src, dst, B, C, P, b0,
-                                                        b_end, rule);
+#if QRLOSS_ISA_LEVEL >= 1
+/// Writes the transpose of an 8 x 8 block of floats:
+/// dst[j * dst_stride + k] = src[k * src_stride + j]. Forced inline,
+/// since GCC otherwise kept it as a call with the rows in memory.
+[[gnu::always_inline]] inline void transpose_block(const float* src,
+                                                   Index src_stride,
+                                                   float* dst,
+                                                   Index dst_stride) {
+  __m256 row[8];
+  for (int k = 0; k < 8; ++k) row[k] = _mm256_loadu_ps(src + k * src_stride);
+  // Interleave pairs of rows, then pairs of pairs, then the 128-bit halves.
+  __m256 pair[8];
+  for (int k = 0; k < 8; k += 2) {
+    pair[k] = _mm256_unpacklo_ps(row[k], row[k + 1]);
+    pair[k + 1] = _mm256_unpackhi_ps(row[k], row[k + 1]);
+  }
+  __m256 quad[8];
+  for (int k = 0; k < 8; k += 4) {
+    quad[k] = _mm256_shuffle_ps(pair[k], pair[k + 2], 0x44);
+    quad[k + 1] = _mm256_shuffle_ps(pair[k], pair[k + 2], 0xEE);
+    quad[k + 2] = _mm256_shuffle_ps(pair[k + 1], pair[k + 3], 0x44);
+    quad[k + 3] = _mm256_shuffle_ps(pair[k + 1], pair[k + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(dst + j * dst_stride,
+                     _mm256_permute2f128_ps(quad[j], quad[j + 4], 0x20));
+    _mm256_storeu_ps(dst + (j + 4) * dst_stride,
+                     _mm256_permute2f128_ps(quad[j], quad[j + 4], 0x31));
+  }
+}
+
+/// The same for a 4 x 4 block of doubles.
+[[gnu::always_inline]] inline void transpose_block(const double* src,
+                                                   Index src_stride,
+                                                   double* dst,
+                                                   Index dst_stride) {
+  __m256d row[4];
+  for (int k = 0; k < 4; ++k) row[k] = _mm256_loadu_pd(src + k * src_stride);
+  const __m256d low01 = _mm256_unpacklo_pd(row[0], row[1]);
+  const __m256d high01 = _mm256_unpackhi_pd(row[0], row[1]);
+  const __m256d low23 = _mm256_unpacklo_pd(row[2], row[3]);
+  const __m256d high23 = _mm256_unpackhi_pd(row[2], row[3]);
+  _mm256_storeu_pd(dst, _mm256_permute2f128_pd(low01, low23, 0x20));
+  _mm256_storeu_pd(dst + dst_stride,
+                   _mm256_permute2f128_pd(high01, high23, 0x20));
+  _mm256_storeu_pd(dst + 2 * dst_stride,
+                   _mm256_permute2f128_pd(low01, low23, 0x31));
+  _mm256_storeu_pd(dst + 3 * dst_stride,
+                   _mm256_permute2f128_pd(high01, high23, 0x31));
+}
+#endif
+
+/// Copies items [b0, b_end) of a B x C tensor (P = 1) to or from its
+/// transpose; at most kMaxItems items. With AVX2, square blocks go through
+/// registers. Where C or the items are not a whole number of blocks, the
+/// last block starts one block before the end and copies some values a
+/// second time, so that no scalar loop is left over; a copy writes the
+/// same value both times. Packing goes through a buffer of kMaxItems
+/// items per class, so that each row of the packed layout is then written
+/// in one run. Rows of B floats lie a multiple of 4 KiB apart whenever B
+/// is a multiple of 1024, and stores to 8 such rows at once made a
+/// 65536 x 10 copy slower than the scalar loop. The scalar loop of
+/// repack_item_block remains for fewer than a block of classes or items,
+/// and in the baseline variant.
+template <bool kUnpack, Index kMaxItems, typename T>
+inline void repack_single_pixels(const T* src, T* dst, Index B, Index C,
+                                 Index b0, Index b_end) {
+#if QRLOSS_ISA_LEVEL >= 1
+  constexpr Index kBlock = 32 / static_cast<Index>(sizeof(T));
+  const Index items = b_end - b0;
+  if (C >= kBlock && items >= kBlock) {
+    alignas(64) T buffer[kBlock * kMaxItems];
+    for (Index c_next = 0; c_next < C; c_next += kBlock) {
+      const Index c = std::min(c_next, C - kBlock);
+      for (Index b_next = b0; b_next < b_end; b_next += kBlock) {
+        const Index b = std::min(b_next, b_end - kBlock);
+        if constexpr (kUnpack) {
+          transpose_block(src + c * B + b, B, dst + b * C + c, C);
+        } else {
+          transpose_block(src + b * C + c, C, buffer + (b - b0), kMaxItems);
+        }
+      }
+      if constexpr (!kUnpack) {
+        for (Index j = 0; j < kBlock; ++j) {
+          std::copy(buffer + j * kMaxItems, buffer + j * kMaxItems + items,
+                    dst + (c + j) * B + b0);
+        }
+      }
+    }
+    return;
+  }
+#endif
+  repack_item_block<kUnpack, 1>(src, dst, B, C, 1, b0, b_end);
+}
+
+/// Items per block of the repacking copies.
+inline constexpr Index kRepackItems = 64;
+
+template <bool kUnpack, typename T>
+inline void repack_item_block(const T* src, T* dst, Index B, Index C,
+                              Index P, Index b0, Index b_end) {
+  if (P == 1) {
+    repack_single_pixels<kUnpack, kRepackItems>(src, dst, B, C, b0, b_end);
+  } else {
+    repack_item_block<kUnpack, 0>(src, dst, B, C, P, b0, b_end);
+  }
 }
 
 /// Copies a tensor of the given geometry to its repacked layout, where row
 /// c contains class c of every pixel: a transpose of B x C runs of P
 /// pixels. With `unpack`, copies back instead. Threads share the blocks of
-/// 64 items. With a `rule`, the copy also checks every value it reads and
-/// returns whether all satisfy the rule, so that the caller's tensor is read
-/// once; the caller then scans it again only to locate a bad value.
+/// 64 items. With a `rule`, each block of items is also checked, which is
+/// one contiguous range of the item layout, just before it is copied. The
+/// result is whether every value satisfies the rule, so that the caller's
+/// tensor is read from memory once; the caller then scans it again only to
+/// locate a bad value.
 template <typename T>
 bool repack_items(const Geometry& geometry, const T* src, T* dst, int threads,
                   bool unpack, const ValueRule* rule = nullptr) {
-  constexpr Index kItems = 64;
+  constexpr Index kItems = kRepackItems;
   const Index B = geometry.B;
   const Index C = geometry.C;
   const Index P = geometry.P;
   const Index item_blocks = (B + kItems - 1) / kItems;
   const int team = static_cast<int>(
       std::min<Index>(static_cast<Index>(threads), item_blocks));
-  const ValueRule check_rule = rule != nullptr ? *rule : ValueRule::kFinite;
   Flag<T> bad = 0;
 #pragma omp parallel for schedule(static) num_threads(team) reduction(|:bad)
   for (Index k = 0; k < item_blocks; ++k) {
     const Index b0 = k * kItems;
     const Index b_end = std::min(B, b0 + kItems);
     if (unpack) {
-      repack_item_block<true, false>(src, dst, B, C, P, b0, b_end, check_rule);
-    } else if (rule == nullptr) {
-      repack_item_block<false, false>(src, dst, B, C, P, b0, b_end,
-                                      check_rule);
-    } else {
-      bad |= repack_item_block<false, true>(src, dst, B, C, P, b0, b_end,
-                                            check_rule);
+      repack_item_block<true>(src, dst, B, C, P, b0, b_end);
+      continue;
     }
+    if (rule != nullptr) {
+      const T* first = src + b0 * C * P;
+      const Index count = (b_end - b0) * C * P;
+      bad |= all_valid(first, count, *rule) ? 0 : 1;
+    }
+    repack_item_block<false>(src, dst, B, C, P, b0, b_end);
   }
   return bad == 0;
 }
