@@ -1793,6 +1793,54 @@ TEST_SUITE("losses") {
         "and eps = 0");
   }
 
+  TEST_CASE("qr eps zero underflowed class logits") {
+    // Class 2 sits 200 below the others. In float its softmax underflows to
+    // exactly 0 at every pixel, so its mean is 0 and h_2 = log(0) = -inf.
+    // In double it is about 1e-87 and everything stays finite. The float
+    // gradient must be finite and match the double one, whose class-2
+    // entries are about 1e-87 * 200.
+    const Shape shape{2, 3, 2, 3};
+    std::vector<double> logits = testing::random_logits<double>(shape, 224);
+    for (std::int64_t b = 0; b < 2; ++b) {
+      for (std::int64_t n = 0; n < 6; ++n) logits[(b * 3 + 2) * 6 + n] = -200;
+    }
+    const std::vector<double> target =
+        testing::random_simplex<double>(shape, 225);
+    LossOptions options;
+    options.eps = 0.0;
+    std::vector<double> grad64(logits.size());
+    const double loss64 = qrloss::qr_loss_grad_from_logits(
+        logits.data(), target.data(), grad64.data(), shape, options);
+    const std::vector<float> logits32(logits.begin(), logits.end());
+    const std::vector<float> target32(target.begin(), target.end());
+    std::vector<float> grad32(logits.size());
+    const double loss32 = qrloss::qr_loss_grad_from_logits(
+        logits32.data(), target32.data(), grad32.data(), shape, options);
+    CHECK(loss32 == doctest::Approx(loss64).epsilon(1e-5));
+    REQUIRE(testing::all_finite(grad32));
+    double largest = 0.0;
+    for (const double g : grad64) largest = std::max(largest, std::abs(g));
+    REQUIRE(largest > 0.0);
+    for (std::size_t i = 0; i < grad32.size(); ++i) {
+      CAPTURE(i);
+      CHECK(std::abs(grad32[i] - grad64[i]) <= 1e-5 * largest);
+    }
+
+    // 1e4 below underflows in double too: the gradient stays finite, and
+    // the underflowed class gets exactly 0.
+    for (std::int64_t b = 0; b < 2; ++b) {
+      for (std::int64_t n = 0; n < 6; ++n) logits[(b * 3 + 2) * 6 + n] = -1e4;
+    }
+    qrloss::qr_loss_grad_from_logits(logits.data(), target.data(),
+                                     grad64.data(), shape, options);
+    REQUIRE(testing::all_finite(grad64));
+    for (std::int64_t b = 0; b < 2; ++b) {
+      for (std::int64_t n = 0; n < 6; ++n) {
+        CHECK(grad64[static_cast<std::size_t>((b * 3 + 2) * 6 + n)] == 0.0);
+      }
+    }
+  }
+
   TEST_CASE_TEMPLATE("rq eps zero absent class", T, float, double) {
     // Class 2 has zero probability everywhere, so z = q / s_2 is 0/0.
     const Shape shape{2, 5, 3, 4};

@@ -529,7 +529,12 @@ Flag<T> qr_gradient_row(ChunkSums& sums, const T* q, const T* p, T* g,
     }
     g[i] = gi;
     if constexpr (kDot) {
-      dot[i] += static_cast<double>(gi) * static_cast<double>(q[i]);
+      double term = static_cast<double>(gi) * static_cast<double>(q[i]);
+      // With eps = 0, g is -inf for a class whose mean q is 0 and +inf
+      // where p = 0. There q = 0, the underflow of a positive q, and
+      // q g -> 0 as q -> 0+ (q log q -> 0), so the term counts as 0.
+      if constexpr (kEpsZero) term = q[i] > T(0) ? term : 0.0;
+      dot[i] += term;
     }
     bad |= invalid_flag(p[i], ValueRule::kNonNegative);
     return product;
@@ -685,9 +690,15 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
       if constexpr (kFromLogits) {
         // dL/dx goes straight to the rows that q was read from, as in
         // store_gradient_tile; the dot products of eq. 7 are complete.
-        softmax_vjp_apply(probs.base, probs.stride, space.grad.data(), L,
-                          grad + geometry.offset(b, 0, p0), geometry.P, C, n,
-                          dot, space.pixel.data());
+        T* dx = grad + geometry.offset(b, 0, p0);
+        if (eps_zero) {
+          softmax_vjp_apply<true>(probs.base, probs.stride, space.grad.data(),
+                                  L, dx, geometry.P, C, n, dot,
+                                  space.pixel.data());
+        } else {
+          softmax_vjp_apply(probs.base, probs.stride, space.grad.data(), L, dx,
+                            geometry.P, C, n, dot, space.pixel.data());
+        }
       } else {
         store_gradient_tile<T, false>(geometry, probs, space, L, b, p0, n,
                                       grad);

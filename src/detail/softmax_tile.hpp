@@ -51,9 +51,11 @@ Flag<T> softmax_tile(const T* x, Index x_stride, Index C, Index n, T* q,
 }
 
 /// The second half of softmax_vjp_tile: writes dx_c = q_c * (g_c - dot)
-/// once dot (double) holds sum_k g_k q_k for each of the n pixels, in class
-/// order. Rows and scratch as in softmax_vjp_tile.
-template <typename T>
+/// once dot holds sum_k g_k q_k for each of the n pixels. Rows as in
+/// softmax_vjp_tile. With kZeroAtZeroProb, dx_c is 0 where q_c = 0 even
+/// when g_c is infinite, for a caller whose dot products also skip those
+/// entries.
+template <bool kZeroAtZeroProb = false, typename T>
 void softmax_vjp_scale(const T* q, Index q_stride, const T* g, Index g_stride,
                        T* out, Index out_stride, Index C, Index n,
                        const T* dot) {
@@ -61,17 +63,23 @@ void softmax_vjp_scale(const T* q, Index q_stride, const T* g, Index g_stride,
     const T* qr = q + c * q_stride;
     const T* gr = g + c * g_stride;
     T* dst = out + c * out_stride;
-    for (Index i = 0; i < n; ++i) dst[i] = qr[i] * (gr[i] - dot[i]);
+    for (Index i = 0; i < n; ++i) {
+      const T dx = qr[i] * (gr[i] - dot[i]);
+      dst[i] = kZeroAtZeroProb && !(qr[i] > T(0)) ? T(0) : dx;
+    }
   }
 }
 
-template <typename T>
+/// softmax_vjp_scale after rounding the dot products (double, summed in
+/// class order) to T in `pixel`.
+template <bool kZeroAtZeroProb = false, typename T>
 void softmax_vjp_apply(const T* q, Index q_stride, const T* g, Index g_stride,
                        T* out, Index out_stride, Index C, Index n,
                        const double* dot, T* pixel) {
   QRLOSS_SIMD_LOOP
   for (Index i = 0; i < n; ++i) pixel[i] = static_cast<T>(dot[i]);
-  softmax_vjp_scale(q, q_stride, g, g_stride, out, out_stride, C, n, pixel);
+  softmax_vjp_scale<kZeroAtZeroProb>(q, q_stride, g, g_stride, out,
+                                     out_stride, C, n, pixel);
 }
 
 /// Writes dx_c = q_c * (g_c - sum_k g_k q_k) for n pixels. Rows are
