@@ -12,6 +12,7 @@
 #include <random>
 #include <string>
 #include <system_error>
+#include <utility>
 #include <vector>
 
 // The data is copied byte for byte between memory and the little-endian
@@ -531,8 +532,35 @@ FilePtr create_temporary(const std::string& path, std::string* temp_path) {
            "", error_number);
 }
 
+// Writes the preamble, the header and the data to `file` and closes it;
+// returns 0 or the errno of the first failure.
+int write_contents(FilePtr file, const std::string& header, const void* data,
+                   std::size_t data_size) {
+  unsigned char preamble[kMagicBytes + kVersionBytes + kLengthFieldBytesV1];
+  std::memcpy(preamble, kMagic, kMagicBytes);
+  preamble[kMagicBytes] = 1;  // version 1.0
+  preamble[kMagicBytes + 1] = 0;
+  preamble[kMagicBytes + 2] = static_cast<unsigned char>(header.size() & 0xff);
+  preamble[kMagicBytes + 3] = static_cast<unsigned char>(header.size() >> 8);
+
+  const bool ok = std::fwrite(preamble, 1, sizeof preamble, file.get()) ==
+                      sizeof preamble &&
+                  std::fwrite(header.data(), 1, header.size(), file.get()) ==
+                      header.size() &&
+                  (data_size == 0 ||
+                   std::fwrite(data, 1, data_size, file.get()) == data_size) &&
+                  std::fflush(file.get()) == 0;
+  int error_number = ok ? 0 : (errno != 0 ? errno : EIO);
+  // fclose reports errors of the final flush, such as a full disk.
+  if (std::fclose(file.release()) != 0 && error_number == 0) {
+    error_number = errno != 0 ? errno : EIO;
+  }
+  return error_number;
+}
+
 void write_file(const std::string& path, const void* data, const Shape& shape,
                 const char* descr, std::int64_t item_size) {
+  namespace fs = std::filesystem;
   const std::int64_t data_bytes =
       checked_byte_count("npy::write", shape, item_size);
   if (data == nullptr && data_bytes > 0) {
@@ -543,41 +571,51 @@ void write_file(const std::string& path, const void* data, const Shape& shape,
   if (static_cast<std::int64_t>(header.size()) > kMaxHeaderBytesV1) {
     throw qrloss::invalid_argument("npy::write: header too long: " + path);
   }
+  const auto data_size = static_cast<std::size_t>(data_bytes);
+
+  // A new file renamed over a link would replace the link, so the file it
+  // points to is written instead, and the link is kept.
+  std::string target = path;
+  std::error_code ec;
+  if (fs::is_symlink(fs::symlink_status(path, ec))) {
+    target = fs::weakly_canonical(path, ec).string();
+    if (ec) {
+      throw_io("npy::write",
+               "cannot write " + path + ": cannot resolve the link", "",
+               ec.value());
+    }
+  }
+  // A device or a named pipe is written in place: renaming over it would
+  // replace the device file or pipe itself.
+  const fs::file_status status = fs::status(target, ec);
+  if (fs::exists(status) && !fs::is_regular_file(status) &&
+      !fs::is_directory(status)) {
+    std::FILE* file = std::fopen(target.c_str(), "wb");
+    if (file == nullptr) {
+      throw_io("npy::write", "cannot open " + path + " for writing", "",
+               errno);
+    }
+    const int error_number =
+        write_contents(FilePtr(file), header, data, data_size);
+    if (error_number != 0) {
+      throw_io("npy::write", "cannot write " + path, "", error_number);
+    }
+    return;
+  }
 
   std::string temp_path;
-  FilePtr file = create_temporary(path, &temp_path);
-
-  unsigned char preamble[kMagicBytes + kVersionBytes + kLengthFieldBytesV1];
-  std::memcpy(preamble, kMagic, kMagicBytes);
-  preamble[kMagicBytes] = 1;  // version 1.0
-  preamble[kMagicBytes + 1] = 0;
-  preamble[kMagicBytes + 2] = static_cast<unsigned char>(header.size() & 0xff);
-  preamble[kMagicBytes + 3] = static_cast<unsigned char>(header.size() >> 8);
-
-  const auto data_size = static_cast<std::size_t>(data_bytes);
-  bool ok = std::fwrite(preamble, 1, sizeof preamble, file.get()) ==
-                sizeof preamble &&
-            std::fwrite(header.data(), 1, header.size(), file.get()) ==
-                header.size() &&
-            (data_size == 0 ||
-             std::fwrite(data, 1, data_size, file.get()) == data_size) &&
-            std::fflush(file.get()) == 0;
-  int error_number = ok ? 0 : errno;
-  // fclose reports errors of the final flush, such as a full disk.
-  if (std::fclose(file.release()) != 0 && ok) {
-    ok = false;
-    error_number = errno;
-  }
-  if (!ok) {
+  FilePtr file = create_temporary(target, &temp_path);
+  const int error_number =
+      write_contents(std::move(file), header, data, data_size);
+  if (error_number != 0) {
     std::remove(temp_path.c_str());
     throw_io("npy::write",
              "cannot write " + path + ": writing its temporary file " +
                  temp_path + " failed",
-             "", error_number != 0 ? error_number : EIO);
+             "", error_number);
   }
 
-  std::error_code ec;
-  std::filesystem::rename(temp_path, path, ec);
+  fs::rename(temp_path, target, ec);
   if (ec) {
     std::remove(temp_path.c_str());
     throw_io("npy::write", "cannot replace output file", path, ec.value());

@@ -1,5 +1,6 @@
 #include "qrloss/npy.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -13,6 +14,9 @@
 #include <vector>
 
 #include <doctest/doctest.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "test_support.hpp"
 
@@ -210,6 +214,50 @@ TEST_SUITE("npy") {
     const npy::Array array = npy::read(path);
     CHECK(array.f64 == second);
     CHECK(dir.entries() == std::vector<std::string>{"out.npy"});
+  }
+
+  TEST_CASE("write through a link keeps the link") {
+    // A new file renamed over the link would replace the link itself.
+    testing::TempDir dir("qrloss_test_npy_");
+    const std::string target = dir.file("target.npy");
+    const std::string link = dir.file("link.npy");
+    const std::vector<float> first = {1.0f, 2.0f};
+    const std::vector<float> second = {3.0f, 4.0f, 5.0f};
+    npy::write(target, first.data(), {2});
+    fs::create_symlink("target.npy", link);
+    npy::write(link, second.data(), {3});
+    CHECK(fs::is_symlink(fs::symlink_status(link)));
+    CHECK(npy::read(target).f32 == second);
+    std::vector<std::string> names = dir.entries();
+    std::sort(names.begin(), names.end());
+    CHECK(names == std::vector<std::string>{"link.npy", "target.npy"});
+  }
+
+  TEST_CASE("write to a named pipe writes in place") {
+    // A device or a pipe is written in place. Renaming a new file over it,
+    // as for a regular file, would replace the pipe (or, as root, a
+    // device such as /dev/null) with a plain file. The read end is opened
+    // first without blocking, and the array fits in the pipe's buffer, so
+    // the write cannot block and a regression fails instead of hanging.
+    testing::TempDir dir("qrloss_test_npy_");
+    const std::string pipe = dir.file("pipe.npy");
+    REQUIRE(::mkfifo(pipe.c_str(), 0600) == 0);
+    const int reader = ::open(pipe.c_str(), O_RDONLY | O_NONBLOCK);
+    REQUIRE(reader >= 0);
+    const std::vector<double> values = {0.5, -1.5, 2.25};
+    npy::write(pipe, values.data(), {3});
+    std::string received;
+    char buffer[4096];
+    for (;;) {
+      const ssize_t count = ::read(reader, buffer, sizeof buffer);
+      if (count <= 0) break;
+      received.append(buffer, static_cast<std::size_t>(count));
+    }
+    ::close(reader);
+    CHECK(fs::is_fifo(fs::symlink_status(pipe)));
+    const std::string copy = dir.file("copy.npy");
+    write_bytes(copy, received);
+    CHECK(npy::read(copy).f64 == values);
   }
 
   TEST_CASE("write failure leaves no file") {

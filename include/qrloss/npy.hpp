@@ -99,7 +99,10 @@ Array read(const std::string& path);
 ///
 /// The data goes to a new temporary file in the same directory, which is
 /// then renamed over `path`. On failure the temporary file is removed and
-/// any existing file at `path` is left unchanged.
+/// any existing file at `path` is left unchanged. Where `path` is a
+/// symbolic link, the file it points to is replaced this way and the link
+/// is kept. A device or a named pipe at `path` is written in place, with no
+/// temporary file, since a rename would replace the device file or pipe.
 /// NOTE: the file is not fsync'ed. An exception never leaves a partial file
 /// at `path`, but a killed process may leave a hidden `.NAME.tmp-*` file,
 /// and after a power loss or OS crash `path` may be empty.
@@ -107,7 +110,7 @@ Array read(const std::string& path);
 ///   kMaxRank, a byte count that overflows, or null data with a non-zero
 ///   element count.
 /// @throws io_error if the temporary file cannot be created, written or
-///   renamed.
+///   renamed, or a device or pipe at `path` cannot be opened or written.
 void write(const std::string& path, const float* data,
            const qrloss::Shape& shape);
 

@@ -256,7 +256,12 @@ void run_and_print(const EvalSettings& settings) {
 
   std::cout << to_json(settings, *result).dump() << std::endl;
   if (!std::cout) {
-    if (!settings.grad_out_path.empty()) {
+    // Only a plain file is removed: npy::write writes a device or a pipe
+    // in place and the target of a link, and neither may be deleted here.
+    std::error_code error;
+    if (!settings.grad_out_path.empty() &&
+        std::filesystem::is_regular_file(
+            std::filesystem::symlink_status(settings.grad_out_path, error))) {
       std::remove(settings.grad_out_path.c_str());
     }
     fail_command("eval", kExitInternal, "cannot write the result to stdout");
@@ -317,9 +322,18 @@ void add_eval_command(CLI::App& app) {
   eval->add_option("--grad-out", settings->grad_out_path,
                    "Write the gradient of the loss with respect to the input "
                    "(--probs or --logits) to FILE as .npy of the input's "
-                   "dtype and shape. The file is written to a temporary name "
-                   "and renamed, so it is complete or absent")
-      ->type_name("FILE");
+                   "dtype and shape. A file is written to a temporary name "
+                   "and renamed, so it is complete or absent; a link is "
+                   "followed, and a device or named pipe is written in place")
+      ->type_name("FILE")
+      ->check(CLI::Validator(
+          [](std::string& text) {
+            return text.empty() ? std::string(
+                                      "expected a file path, got an empty "
+                                      "string")
+                                : std::string();
+          },
+          ""));
 
   eval->add_option("--threads", settings->threads,
                    "OpenMP threads; 0 uses the OpenMP default "
