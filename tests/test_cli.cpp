@@ -432,6 +432,10 @@ TEST_SUITE("cli") {
         {"eps not a number",
          {"--loss", "qr", "--probs", probs, "--target", target, "--eps", "abc"},
          "--eps"},
+        {"eps in hexadecimal",
+         {"--loss", "qr", "--probs", probs, "--target", target, "--eps",
+          "0x10"},
+         "--eps: expected a decimal number, got '0x10'"},
         {"eps with trailing text",
          {"--loss", "qr", "--probs", probs, "--target", target, "--eps",
           "1e-8x"},
@@ -583,6 +587,38 @@ TEST_SUITE("cli") {
     }
   }
 
+  TEST_CASE("full stdout fails both commands") {
+    // /dev/full takes no bytes, so printing the JSON fails. Both commands
+    // must then exit 1 with a message, and eval must remove the gradient
+    // file of this run.
+    QRLOSS_REQUIRE_EXE_();
+    REQUIRE(fs::exists("/dev/full"));
+    testing::TempDir dir("qrloss_test_cli_");
+    const std::string probs = dir.file("probs.npy");
+    const std::string target = dir.file("target.npy");
+    const std::string grad = dir.file("grad.npy");
+    const std::string err = dir.file("stderr.txt");
+    write_filled(probs, {2, 3}, 1.0 / 3.0);
+    write_filled(target, {2, 3}, 0.5);
+    const std::vector<std::vector<std::string>> commands = {
+        {"eval", "--loss", "qr", "--probs", probs, "--target", target,
+         "--grad-out", grad},
+        {"bench", "--loss", "qr", "--shape", "2,3,8,8", "--repeat", "1"},
+    };
+    for (const std::vector<std::string>& args : commands) {
+      CAPTURE(args[0]);
+      std::string command = shell_quote(qrloss_exe());
+      for (const std::string& arg : args) command += " " + shell_quote(arg);
+      command += " >/dev/full 2>" + shell_quote(err) + " </dev/null";
+      const int raw_status = std::system(command.c_str());
+      REQUIRE(WIFEXITED(raw_status));
+      CHECK(WEXITSTATUS(raw_status) == 1);
+      CHECK(read_text(err).find("cannot write the result to stdout") !=
+            std::string::npos);
+    }
+    CHECK_FALSE(fs::exists(grad));
+  }
+
   TEST_CASE("bench prints timing JSON") {
     QRLOSS_REQUIRE_EXE_();
     testing::TempDir dir("qrloss_test_cli_");
@@ -691,11 +727,17 @@ TEST_SUITE("cli") {
     CHECK(unknown.err.find("(run 'qrloss --help' for usage)") !=
           std::string::npos);
 
-    const RunResult shape = run_qrloss(dir, {"bench", "--shape", "4,six"});
-    CHECK(shape.status == kExitUsage);
-    CHECK(shape.out.empty());
-    CHECK(shape.err.find("--shape: expected whole-number extents such as "
-                         "16,6,512,512, got 'six'") != std::string::npos);
+    // An empty item is an error too, and the message quotes the text as
+    // typed.
+    for (const std::string text : {"4,six", "2,,64,64", "2,6,64,64,"}) {
+      CAPTURE(text);
+      const RunResult shape = run_qrloss(dir, {"bench", "--shape", text});
+      CHECK(shape.status == kExitUsage);
+      CHECK(shape.out.empty());
+      CHECK(shape.err.find("--shape: expected whole-number extents such as "
+                           "16,6,512,512, got '" +
+                           text + "'") != std::string::npos);
+    }
   }
 
 }  // TEST_SUITE("cli")

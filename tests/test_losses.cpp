@@ -1793,6 +1793,22 @@ TEST_SUITE("losses") {
         "and eps = 0");
   }
 
+  TEST_CASE_TEMPLATE("qr loss of zero probs is +0", T, float, double) {
+    // Every term is 0; the loss must not come out as -0, which the CLI
+    // would print as "-0".
+    const Shape shape{2, 3, 2, 2};
+    const std::vector<T> probs(static_cast<std::size_t>(testing::count(shape)),
+                               T(0));
+    const std::vector<T> target = testing::random_simplex<T>(shape, 226);
+    const double loss = qrloss::qr_loss(probs.data(), target.data(), shape);
+    CHECK(loss == 0.0);
+    CHECK_FALSE(std::signbit(loss));
+    std::vector<T> grad(probs.size());
+    const double loss_with_grad =
+        qrloss::qr_loss_grad(probs.data(), target.data(), grad.data(), shape);
+    CHECK_FALSE(std::signbit(loss_with_grad));
+  }
+
   TEST_CASE("qr eps zero underflowed class logits") {
     // Class 2 sits 200 below the others. In float its softmax underflows to
     // exactly 0 at every pixel, so its mean is 0 and h_2 = log(0) = -inf.

@@ -24,18 +24,45 @@ namespace {
 struct BenchSettings {
   std::string loss = "qr";
   bool from_logits = false;
-  std::vector<std::int64_t> shape = {8, 19, 512, 512};
+  std::string shape_text = "8,19,512,512";
+  std::vector<std::int64_t> shape;
   std::string dtype = "float32";
   int threads = 0;
   int repeat = 5;
   bool loss_only = false;
 };
 
+// Reads comma-separated whole numbers such as "16,6,512,512" into
+// `extents`. Every item must be a number, so an empty item ("2,,64" or a
+// trailing comma) is an error too. Returns the error message, or "".
+std::string parse_extents(const std::string& text,
+                          std::vector<std::int64_t>* extents) {
+  extents->clear();
+  std::size_t begin = 0;
+  for (;;) {
+    const std::size_t comma = text.find(',', begin);
+    const std::string item = text.substr(
+        begin, comma == std::string::npos ? std::string::npos : comma - begin);
+    char* end = nullptr;
+    errno = 0;
+    const long long value = std::strtoll(item.c_str(), &end, 10);
+    if (item.empty() || *end != '\0' || errno == ERANGE) {
+      return "expected whole-number extents such as 16,6,512,512, got '" +
+             text + "'";
+    }
+    extents->push_back(value);
+    if (comma == std::string::npos) return {};
+    begin = comma + 1;
+  }
+}
+
 // Largest element count that bench allocates: five tensors of this size
 // (input, target, gradient and two triad arrays) must fit in memory.
 constexpr std::int64_t kMaxBenchElements = std::int64_t{1} << 31;
 
-void run_bench(const BenchSettings& settings) {
+void run_bench(BenchSettings& settings) {
+  // The validator of --shape has accepted the text already.
+  parse_extents(settings.shape_text, &settings.shape);
   if (settings.shape.size() != 2 && settings.shape.size() != 4) {
     fail_command("bench", kExitUsage,
                  "bad --shape: expected B,C or B,C,H,W, got " +
@@ -91,6 +118,9 @@ void run_bench(const BenchSettings& settings) {
   output["pixels_per_s"] = timing.pixels_per_s;
   output["loss"] = timing.loss;
   std::cout << output.dump() << std::endl;
+  if (!std::cout) {
+    fail_command("bench", kExitInternal, "cannot write the result to stdout");
+  }
 }
 
 }  // namespace
@@ -116,22 +146,14 @@ void add_bench_command(CLI::App& app) {
                   "Time the logits entry points (softmax over C included) "
                   "instead of the probs entry points");
   bench
-      ->add_option("--shape", settings->shape,
+      ->add_option("--shape", settings->shape_text,
                    "Input shape B,C,H,W (or B,C), comma-separated")
-      ->delimiter(',')
       ->check(CLI::Validator(
-          [](std::string& extent) {
+          [](std::string& text) {
             // CLI11's own message for a failed conversion names neither
             // the format nor the value's role.
-            const char* begin = extent.c_str();
-            char* end = nullptr;
-            errno = 0;
-            static_cast<void>(std::strtoll(begin, &end, 10));
-            if (extent.empty() || *end != '\0' || errno == ERANGE) {
-              return "expected whole-number extents such as 16,6,512,512, "
-                     "got '" + extent + "'";
-            }
-            return std::string();
+            std::vector<std::int64_t> extents;
+            return parse_extents(text, &extents);
           },
           ""))
       ->type_name("B,C,H,W")

@@ -2,6 +2,7 @@
 // optionally writes the gradient, and prints the result as JSON.
 
 #include <cerrno>
+#include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -48,16 +49,22 @@ struct EvalResult {
 // [kMinPositiveEps, kMaxEps], the range the library accepts; NaN
 // and inf are rejected here because they would pass a range check.
 std::string check_eps_text(const std::string& text) {
-  const char* begin = text.c_str();
-  char* end = nullptr;
-  errno = 0;
-  const double value = std::strtod(begin, &end);
-  if (end == begin || *end != '\0') {
-    return "expected a number, got '" + text + "'";
+  // from_chars with chars_format::general reads decimal and exponent
+  // notation only, where strtod would also take hexadecimal ("0x10" = 16).
+  const char* begin = text.data();
+  const char* end = text.data() + text.size();
+  if (begin != end && *begin == '+') ++begin;  // accepted by strtod too
+  double value = 0.0;
+  const auto [stop, error] =
+      std::from_chars(begin, end, value, std::chars_format::general);
+  if (stop == begin || stop != end ||
+      (error != std::errc() && error != std::errc::result_out_of_range)) {
+    return "expected a decimal number, got '" + text + "'";
   }
   const bool in_range =
       value == 0.0 || (value >= kMinPositiveEps && value <= kMaxEps);
-  if (!std::isfinite(value) || !in_range || errno == ERANGE) {
+  if (error == std::errc::result_out_of_range || !std::isfinite(value) ||
+      !in_range) {
     return "expected 0 or a number in [1e-20, 1e20], got '" + text + "'";
   }
   return {};

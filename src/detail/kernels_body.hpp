@@ -546,7 +546,8 @@ Flag<T> qr_gradient_row(ChunkSums& sums, const T* q, const T* p, T* g,
 inline double qr_loss_value(const CallSetup& call,
                             const std::vector<double>& sum_q, double cross) {
   const double num_pixels = static_cast<double>(call.geometry.num_pixels());
-  double loss = -cross / num_pixels;
+  // 0 - x rather than -x, so that all-zero probs give +0, not -0.
+  double loss = 0.0 - cross / num_pixels;
   for (const double S : sum_q) {
     const double qbar = S / num_pixels;
     if (qbar > 0.0) loss += qbar * std::log(qbar + call.eps);
