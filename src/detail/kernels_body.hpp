@@ -81,7 +81,7 @@ CallSetup setup_call(const char* function, const T* input, const T* target,
 /// already cost more than the short tiles (RQ on two threads: 6.2 ns per
 /// element against 4.0).
 /// NOTE: beyond the caches the copies read and write every tensor once
-/// more, so a large B x C call still costs 3 to 7 times a segmentation
+/// more, so a large B x C call still costs 2 to 3 times a segmentation
 /// call per element. Loading tiles straight from the pixel-major layout
 /// would avoid the copies.
 inline constexpr Index kRepackBelowPixels = 16;
