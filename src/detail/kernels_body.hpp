@@ -188,8 +188,8 @@ inline void repack_item_block(const T* src, T* dst, Index B, Index C,
 /// transpose; at most kMaxItems items. With AVX2, square blocks go through
 /// registers. Where C or the items are not a whole number of blocks, the
 /// last block starts one block before the end and copies some values a
-/// second time, so that no scalar loop is left over; a copy writes the
-/// same value both times. Packing goes through a buffer of kMaxItems
+/// second time, so that no scalar loop is left over. Both copies write the
+/// same value. Packing goes through a buffer of kMaxItems
 /// items per class, so that each row of the packed layout is then written
 /// in one run. Rows of B floats lie a multiple of 4 KiB apart whenever B
 /// is a multiple of 1024, and stores to 8 such rows at once made a
@@ -243,11 +243,11 @@ inline void repack_item_block(const T* src, T* dst, Index B, Index C,
 /// Copies a tensor of the given geometry to its repacked layout, where row
 /// c contains class c of every pixel: a transpose of B x C runs of P
 /// pixels. With `unpack`, copies back instead. Threads share the blocks of
-/// 64 items. With a `rule`, each block of items is also checked, which is
-/// one contiguous range of the item layout, just before it is copied. The
-/// result is whether every value satisfies the rule, so that the caller's
-/// tensor is read from memory once; the caller then scans it again only to
-/// locate a bad value.
+/// 64 items. With a `rule`, each block of items (one contiguous range of
+/// the item layout) is also checked just before it is copied, so the
+/// caller's tensor is read from memory once. The result is whether every
+/// value satisfies the rule. After a bad value the caller scans the tensor
+/// again, only to locate it.
 template <typename T>
 bool repack_items(const Geometry& geometry, const T* src, T* dst, int threads,
                   bool unpack, const ValueRule* rule = nullptr) {
@@ -423,10 +423,10 @@ void for_each_tile_of_chunk(const CallSetup& call, Index chunk,
                 tile_length > 0 ? tile_length : call.tile, tile_fn);
 }
 
-/// The first pass over the caller's probs when it only sums S_c: each
-/// class row of a run of pixels is summed and checked in one call, so the
-/// fixed cost of a call and of a row's tail is paid once per chunk instead
-/// of once per tile. The hardware prefetcher follows rows this long.
+/// Sums and checks the caller's probs for the first pass when it only
+/// sums S_c. Each class row of a run of pixels takes one call, so the fixed
+/// cost of a call and of a row's tail is paid once per chunk instead of
+/// once per tile. The hardware prefetcher follows rows this long.
 template <typename T>
 void sum_probs_rows(const CallSetup& call, const T* probs, ChunkSums& sums,
                     Index chunk, BadIndexLog* log) {
@@ -507,7 +507,7 @@ void add_cross_terms(ChunkSums& sums, Index k, const T* q, const T* log_p,
   }
 }
 
-/// One class row of QR's gradient pass in one loop. On entry g holds
+/// One class row of QR's gradient pass in one loop. On entry g contains
 /// log(p + eps); the loop adds q log(p + eps) to the cross term (sum 0 of
 /// `sums`), overwrites g with dL/dq = h - log(p + eps) / N [eq. 2] and
 /// flags bad targets. With kDot it also adds g q to the per-pixel dot
@@ -1119,7 +1119,7 @@ void softmax_vjp_impl(const char* function, const T* probs, const T* dL_dq,
                       int threads) {
   const bool in_place = dL_dx == dL_dq;
   if (should_repack(geometry)) {
-    // The copies are checked as they are made; dL_dx is written only after
+    // The copies are checked as they are made. dL_dx is written only after
     // the VJP of the copies, so in place a bad value still leaves dL_dq
     // unchanged.
     const RepackBuffers<T> packed(geometry, 3);

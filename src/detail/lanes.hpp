@@ -8,7 +8,6 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
-#include <utility>
 
 #include "detail/isa.hpp"
 #include "detail/passes.hpp"
@@ -64,43 +63,29 @@ inline Flag<T> invalid_flag(T v, ValueRule rule) {
 
 
 /// Calls finish(i, s_i) for every pixel i < n, where s_i is the sum over
-/// classes c < C of term(c, i, flag) in double, added in class order from
-/// 0.0, and returns the | of the flags that the terms set. Pixels go in
-/// blocks whose sums stay in registers while the classes are added; a loop
-/// per class that adds its row into an array of sums loads and stores
-/// every sum once per class instead. The additions are the same and in the
-/// same order, so the sums are bitwise those of that loop.
-template <typename FlagT, typename Term, typename Finish>
-inline FlagT sum_over_classes_checked(Index C, Index n, Term&& term,
-                                      Finish&& finish) {
+/// classes c < C of term(c, i) in double, added in class order from 0.0.
+/// Pixels go in blocks whose sums stay in registers while the classes are
+/// added. A loop per class that adds its row into an array of sums would
+/// load and store every sum once per class. The additions are the same and
+/// in the same order, so the sums are bitwise those of that loop.
+template <typename Term, typename Finish>
+inline void sum_over_classes(Index C, Index n, Term&& term, Finish&& finish) {
   constexpr Index kBlock = 16;
-  FlagT flags[kBlock] = {};
   Index i0 = 0;
   for (; i0 + kBlock <= n; i0 += kBlock) {
     double acc[kBlock] = {};
     for (Index c = 0; c < C; ++c) {
       QRLOSS_SIMD_LOOP
-      for (Index j = 0; j < kBlock; ++j) acc[j] += term(c, i0 + j, flags[j]);
+      for (Index j = 0; j < kBlock; ++j) acc[j] += term(c, i0 + j);
     }
     QRLOSS_SIMD_LOOP
     for (Index j = 0; j < kBlock; ++j) finish(i0 + j, acc[j]);
   }
   for (Index i = i0; i < n; ++i) {
     double total = 0.0;
-    for (Index c = 0; c < C; ++c) total += term(c, i, flags[0]);
+    for (Index c = 0; c < C; ++c) total += term(c, i);
     finish(i, total);
   }
-  FlagT any = 0;
-  for (Index j = 0; j < kBlock; ++j) any |= flags[j];
-  return any;
-}
-
-/// sum_over_classes_checked for terms term(c, i) that check nothing.
-template <typename Term, typename Finish>
-inline void sum_over_classes(Index C, Index n, Term&& term, Finish&& finish) {
-  sum_over_classes_checked<int>(
-      C, n, [&](Index c, Index i, int&) { return term(c, i); },
-      std::forward<Finish>(finish));
 }
 
 /// Adds x[0, n) into lanes[0, kLanes). The loop runs on a local copy of

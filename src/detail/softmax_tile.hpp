@@ -51,7 +51,7 @@ Flag<T> softmax_tile(const T* x, Index x_stride, Index C, Index n, T* q,
 }
 
 /// The second half of softmax_vjp_tile: writes dx_c = q_c * (g_c - dot)
-/// once dot holds sum_k g_k q_k for each of the n pixels. Rows as in
+/// once dot contains sum_k g_k q_k for each of the n pixels. Rows as in
 /// softmax_vjp_tile. With kZeroAtZeroProb, dx_c is 0 where q_c = 0 even
 /// when g_c is infinite, for a caller whose dot products also skip those
 /// entries.
