@@ -574,23 +574,28 @@ void write_file(const std::string& path, const void* data, const Shape& shape,
   const auto data_size = static_cast<std::size_t>(data_bytes);
 
   // A new file renamed over a link would replace the link, so the file it
-  // points to is written instead, and the link is kept.
-  std::string target = path;
+  // points to is written instead, and the link is kept. The chain is
+  // followed by hand, since a link to a file that does not exist yet has no
+  // canonical path.
+  constexpr int kMaxLinks = 40;  // Linux's own limit on a path's links
+  fs::path target = path;
   std::error_code ec;
-  if (fs::is_symlink(fs::symlink_status(path, ec))) {
-    target = fs::weakly_canonical(path, ec).string();
-    if (ec) {
+  for (int links = 0; fs::is_symlink(fs::symlink_status(target, ec));
+       ++links) {
+    const fs::path next = fs::read_symlink(target, ec);
+    if (ec || links == kMaxLinks) {
       throw_io("npy::write",
                "cannot write " + path + ": cannot resolve the link", "",
-               ec.value());
+               ec ? ec.value() : ELOOP);
     }
+    target = next.is_absolute() ? next : target.parent_path() / next;
   }
   // A device or a named pipe is written in place: renaming over it would
   // replace the device file or pipe itself.
   const fs::file_status status = fs::status(target, ec);
   if (fs::exists(status) && !fs::is_regular_file(status) &&
       !fs::is_directory(status)) {
-    std::FILE* file = std::fopen(target.c_str(), "wb");
+    std::FILE* file = std::fopen(target.string().c_str(), "wb");
     if (file == nullptr) {
       throw_io("npy::write", "cannot open " + path + " for writing", "",
                errno);
@@ -604,9 +609,13 @@ void write_file(const std::string& path, const void* data, const Shape& shape,
   }
 
   std::string temp_path;
-  FilePtr file = create_temporary(target, &temp_path);
+  FilePtr file = create_temporary(target.string(), &temp_path);
   const int error_number =
       write_contents(std::move(file), header, data, data_size);
+  if (error_number == 0 && fs::is_regular_file(status)) {
+    // The replacement keeps the permissions of the file it replaces.
+    fs::permissions(temp_path, status.permissions(), ec);
+  }
   if (error_number != 0) {
     std::remove(temp_path.c_str());
     throw_io("npy::write",

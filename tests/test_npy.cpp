@@ -224,13 +224,34 @@ TEST_SUITE("npy") {
     const std::vector<float> first = {1.0f, 2.0f};
     const std::vector<float> second = {3.0f, 4.0f, 5.0f};
     npy::write(target, first.data(), {2});
+    fs::permissions(target, fs::perms::owner_read | fs::perms::owner_write);
     fs::create_symlink("target.npy", link);
     npy::write(link, second.data(), {3});
     CHECK(fs::is_symlink(fs::symlink_status(link)));
     CHECK(npy::read(target).f32 == second);
+    // The replacement keeps the permissions of the file it replaced.
+    CHECK(fs::status(target).permissions() ==
+          (fs::perms::owner_read | fs::perms::owner_write));
     std::vector<std::string> names = dir.entries();
     std::sort(names.begin(), names.end());
     CHECK(names == std::vector<std::string>{"link.npy", "target.npy"});
+  }
+
+  TEST_CASE("write through a dangling link creates its target") {
+    // A link to a file that does not exist yet, through a second link in
+    // a subfolder: the chain is followed to the missing file, which is
+    // created, and both links stay.
+    testing::TempDir dir("qrloss_test_npy_");
+    fs::create_directory(dir.file("sub"));
+    const std::string outer = dir.file("outer.npy");
+    const std::string inner = dir.file("sub/inner.npy");
+    fs::create_symlink("sub/inner.npy", outer);
+    fs::create_symlink("../new.npy", inner);
+    const std::vector<float> values = {1.5f, 2.5f};
+    npy::write(outer, values.data(), {2});
+    CHECK(fs::is_symlink(fs::symlink_status(outer)));
+    CHECK(fs::is_symlink(fs::symlink_status(inner)));
+    CHECK(npy::read(dir.file("new.npy")).f32 == values);
   }
 
   TEST_CASE("write to a named pipe writes in place") {

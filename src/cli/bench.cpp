@@ -3,6 +3,7 @@
 
 #include <CLI/CLI.hpp>
 #include <cerrno>
+#include <charconv>
 #include <cstdint>
 #include <cstdlib>
 #include <iostream>
@@ -33,26 +34,27 @@ struct BenchSettings {
 };
 
 // Reads comma-separated whole numbers such as "16,6,512,512" into
-// `extents`. Every item must be a number, so an empty item ("2,,64" or a
-// trailing comma) is an error too. Returns the error message, or "".
+// `extents`. Every item must be a number (digits, with an optional leading
+// '+' or '-'), so an empty item ("2,,64" or a trailing comma) or a space is
+// an error too. Returns the error message, or "".
 std::string parse_extents(const std::string& text,
                           std::vector<std::int64_t>* extents) {
   extents->clear();
-  std::size_t begin = 0;
+  const char* item = text.data();
+  const char* const text_end = text.data() + text.size();
   for (;;) {
-    const std::size_t comma = text.find(',', begin);
-    const std::string item = text.substr(
-        begin, comma == std::string::npos ? std::string::npos : comma - begin);
-    char* end = nullptr;
-    errno = 0;
-    const long long value = std::strtoll(item.c_str(), &end, 10);
-    if (item.empty() || *end != '\0' || errno == ERANGE) {
+    const char* first = item;
+    if (first != text_end && *first == '+') ++first;  // as --eps accepts
+    std::int64_t value = 0;
+    const auto [stop, error] = std::from_chars(first, text_end, value);
+    const bool at_end = stop == text_end;
+    if (error != std::errc() || (!at_end && *stop != ',')) {
       return "expected whole-number extents such as 16,6,512,512, got '" +
              text + "'";
     }
     extents->push_back(value);
-    if (comma == std::string::npos) return {};
-    begin = comma + 1;
+    if (at_end) return {};
+    item = stop + 1;
   }
 }
 

@@ -12,7 +12,6 @@
 #include <new>
 #include <optional>
 #include <string>
-#include <system_error>
 #include <utility>
 #include <vector>
 
@@ -239,8 +238,8 @@ nlohmann::ordered_json to_json(const EvalSettings& settings,
   return output;
 }
 
-// Runs the command and prints its JSON; every failure ends in
-// fail_command, after removing a gradient file written by this run.
+// Runs the command and prints its JSON. Every failure ends in
+// fail_command. Only a failure to print comes after the gradient file.
 void run_and_print(const EvalSettings& settings) {
   if (settings.probs_path.empty() && settings.logits_path.empty()) {
     fail_command("eval", kExitUsage,
@@ -263,15 +262,14 @@ void run_and_print(const EvalSettings& settings) {
 
   std::cout << to_json(settings, *result).dump() << std::endl;
   if (!std::cout) {
-    // Only a plain file is removed: npy::write writes a device or a pipe
-    // in place and the target of a link, and neither may be deleted here.
-    std::error_code error;
-    if (!settings.grad_out_path.empty() &&
-        std::filesystem::is_regular_file(
-            std::filesystem::symlink_status(settings.grad_out_path, error))) {
-      std::remove(settings.grad_out_path.c_str());
-    }
-    fail_command("eval", kExitInternal, "cannot write the result to stdout");
+    // The gradient file is complete by now, and it may have replaced a
+    // file of the caller's, so it stays: removing it would lose both.
+    fail_command("eval", kExitInternal,
+                 "cannot write the result to stdout" +
+                     std::string(settings.grad_out_path.empty()
+                                     ? ""
+                                     : " (the gradient was written to " +
+                                           settings.grad_out_path + ")"));
   }
 }
 
