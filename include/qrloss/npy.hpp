@@ -99,10 +99,12 @@ Array read(const std::string& path);
 ///
 /// The data goes to a new temporary file in the same directory, which is
 /// then renamed over `path`. On failure the temporary file is removed and
-/// any existing file at `path` is left unchanged. Where `path` is a
-/// symbolic link, the file it points to is replaced this way and the link
-/// is kept. A device or a named pipe at `path` is written in place, with no
-/// temporary file, since a rename would replace the device file or pipe.
+/// any existing file at `path` is left unchanged. A replaced file's
+/// permissions carry over. Where `path` is a symbolic link (or a chain of
+/// them), the file it points to is replaced or created this way and the
+/// links are kept. A device or a named pipe at `path` is written in place,
+/// with no temporary file, since a rename would replace the device file or
+/// pipe.
 /// NOTE: the file is not fsync'ed. An exception never leaves a partial file
 /// at `path`, but a killed process may leave a hidden `.NAME.tmp-*` file,
 /// and after a power loss or OS crash `path` may be empty.
