@@ -594,6 +594,7 @@ TEST_SUITE("cli") {
     // caller's.
     QRLOSS_REQUIRE_EXE_();
     REQUIRE(fs::exists("/dev/full"));
+
     testing::TempDir dir("qrloss_test_cli_");
     const std::string probs = dir.file("probs.npy");
     const std::string target = dir.file("target.npy");
@@ -601,6 +602,7 @@ TEST_SUITE("cli") {
     const std::string err = dir.file("stderr.txt");
     write_filled(probs, {2, 3}, 1.0 / 3.0);
     write_filled(target, {2, 3}, 0.5);
+
     const std::vector<std::vector<std::string>> commands = {
         {"eval", "--loss", "qr", "--probs", probs, "--target", target,
          "--grad-out", grad},
@@ -611,6 +613,7 @@ TEST_SUITE("cli") {
       std::string command = shell_quote(qrloss_exe());
       for (const std::string& arg : args) command += " " + shell_quote(arg);
       command += " >/dev/full 2>" + shell_quote(err) + " </dev/null";
+
       const int raw_status = std::system(command.c_str());
       REQUIRE(WIFEXITED(raw_status));
       CHECK(WEXITSTATUS(raw_status) == 1);
