@@ -1855,6 +1855,22 @@ TEST_SUITE("losses") {
         CHECK(grad64[static_cast<std::size_t>((b * 3 + 2) * 6 + n)] == 0.0);
       }
     }
+    // Central differences of the loss agree there too.
+    const auto loss_at = [&](const Eigen::VectorXd& x) {
+      return qrloss::qr_loss_from_logits(x.data(), target.data(), shape,
+                                         options);
+    };
+    const auto size = static_cast<Eigen::Index>(logits.size());
+    const Eigen::VectorXd point =
+        Eigen::Map<const Eigen::VectorXd>(logits.data(), size);
+    const Eigen::VectorXd analytic =
+        Eigen::Map<const Eigen::VectorXd>(grad64.data(), size);
+    qrloss::GradientCheckOptions check;
+    check.shape = shape;
+    const qrloss::GradientCheckReport report =
+        qrloss::check_gradient(loss_at, point, analytic, check);
+    INFO(report.summary());
+    CHECK(report.passed);
   }
 
   TEST_CASE_TEMPLATE("rq eps zero absent class", T, float, double) {

@@ -40,7 +40,9 @@ Flag<T> softmax_tile(const T* x, Index x_stride, Index C, Index n, T* q,
   }
   sum_over_classes(
       C, n,
-      [&](Index c, Index i) { return static_cast<double>(q[c * q_stride + i]); },
+      [&](Index c, Index i) {
+        return static_cast<double>(q[c * q_stride + i]);
+      },
       [&](Index i, double total) { pixel[i] = static_cast<T>(1.0 / total); });
   for (Index c = 0; c < C; ++c) {
     T* out = q + c * q_stride;
