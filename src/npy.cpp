@@ -532,8 +532,8 @@ FilePtr create_temporary(const std::string& path, std::string* temp_path) {
            "", error_number);
 }
 
-// Writes the preamble, the header and the data to `file` and closes it;
-// returns 0 or the errno of the first failure.
+// Writes the preamble, the header and the data to `file` and closes it.
+// Returns 0, or the errno of the first failure.
 int write_contents(FilePtr file, const std::string& header, const void* data,
                    std::size_t data_size) {
   unsigned char preamble[kMagicBytes + kVersionBytes + kLengthFieldBytesV1];
@@ -577,7 +577,7 @@ void write_file(const std::string& path, const void* data, const Shape& shape,
   // points to is written instead, and the link is kept. The chain is
   // followed by hand, since a link to a file that does not exist yet has no
   // canonical path.
-  constexpr int kMaxLinks = 40;  // Linux's own limit on a path's links
+  constexpr int kMaxLinks = 40;  // so that a loop of links ends in ELOOP
   fs::path target = path;
   std::error_code ec;
   for (int links = 0; fs::is_symlink(fs::symlink_status(target, ec));

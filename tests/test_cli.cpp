@@ -371,7 +371,7 @@ TEST_SUITE("cli") {
       std::vector<std::string> args;
       const char* message;
     };
-    // A write error names the option and the file asked for.
+    // A write error names the option and the requested file.
     const std::string missing_dir_message =
         "--grad-out: npy::write: cannot write " +
         dir.file("no_such_dir/grad.npy") + ": cannot create the temporary file";

@@ -1794,7 +1794,7 @@ TEST_SUITE("losses") {
   }
 
   TEST_CASE_TEMPLATE("qr loss of zero probs is +0", T, float, double) {
-    // Every term is 0; the loss must not come out as -0, which the CLI
+    // Every term is 0. The loss must not come out as -0, which the CLI
     // would print as "-0".
     const Shape shape{2, 3, 2, 2};
     const std::vector<T> probs(static_cast<std::size_t>(testing::count(shape)),

@@ -287,8 +287,8 @@ TEST_SUITE("npy") {
 
     SUBCASE("missing directory") {
       const std::string path = dir.file("no_such_dir/out.npy");
-      // The message names the file the caller asked for, and then the
-      // temporary file that could not be created next to it.
+      // The message names the requested file, and then the temporary file
+      // that could not be created next to it.
       CHECK_THROWS_WITH_AS(
           npy::write(path, values.data(), {2}),
           doctest::Contains(("npy::write: cannot write " + path +

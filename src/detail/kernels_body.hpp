@@ -507,9 +507,9 @@ void add_cross_terms(ChunkSums& sums, Index k, const T* q, const T* log_p,
   }
 }
 
-/// One class row of QR's gradient pass in one loop. On entry g contains
-/// log(p + eps); the loop adds q log(p + eps) to the cross term (sum 0 of
-/// `sums`), overwrites g with dL/dq = h - log(p + eps) / N [eq. 2] and
+/// Runs one class row of QR's gradient pass in one loop. On entry g
+/// contains log(p + eps). The loop adds q log(p + eps) to the cross term
+/// (sum 0 of `sums`), overwrites g with dL/dq = h - log(p + eps) / N [eq. 2] and
 /// flags bad targets. With kDot it also adds g q to the per-pixel dot
 /// products of eq. 7, in class order as softmax_vjp_tile does. With
 /// kEpsZero, 0 * log(0) counts as 0 in the cross term, and dL/dq is +inf
@@ -689,8 +689,8 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
         }
       }
       if constexpr (kFromLogits) {
-        // dL/dx goes straight to the rows that q was read from, as in
-        // store_gradient_tile; the dot products of eq. 7 are complete.
+        // The dot products of eq. 7 are complete, so dL/dx goes straight to
+        // the rows that q was read from, as in store_gradient_tile.
         T* dx = grad + geometry.offset(b, 0, p0);
         if (eps_zero) {
           softmax_vjp_apply<true>(probs.base, probs.stride, space.grad.data(),

@@ -52,9 +52,9 @@ Flag<T> softmax_tile(const T* x, Index x_stride, Index C, Index n, T* q,
   return bad;
 }
 
-/// The second half of softmax_vjp_tile: writes dx_c = q_c * (g_c - dot)
-/// once dot contains sum_k g_k q_k for each of the n pixels. Rows as in
-/// softmax_vjp_tile. With kZeroAtZeroProb, dx_c is 0 where q_c = 0 even
+/// Writes dx_c = q_c * (g_c - dot) for n pixels, where dot contains
+/// sum_k g_k q_k of each pixel: the second half of softmax_vjp_tile, whose
+/// row layout it shares. With kZeroAtZeroProb, dx_c is 0 where q_c = 0 even
 /// when g_c is infinite, for a caller whose dot products also skip those
 /// entries.
 template <bool kZeroAtZeroProb = false, typename T>
@@ -72,8 +72,8 @@ void softmax_vjp_scale(const T* q, Index q_stride, const T* g, Index g_stride,
   }
 }
 
-/// softmax_vjp_scale after rounding the dot products (double, summed in
-/// class order) to T in `pixel`.
+/// Rounds the dot products (double, summed in class order) to T in
+/// `pixel`, then runs softmax_vjp_scale.
 template <bool kZeroAtZeroProb = false, typename T>
 void softmax_vjp_apply(const T* q, Index q_stride, const T* g, Index g_stride,
                        T* out, Index out_stride, Index C, Index n,
