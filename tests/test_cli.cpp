@@ -18,6 +18,7 @@
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
 
+#include "qrloss/losses.hpp"
 #include "qrloss/npy.hpp"
 #include "test_support.hpp"
 
@@ -325,6 +326,42 @@ TEST_SUITE("cli") {
     CHECK(run.err.find("QRLOSS_ISA") != std::string::npos);
     CHECK(run.err.find("'sse9'") != std::string::npos);
     CHECK(run.out.empty());
+
+    // Checked before any file is read: a missing input does not hide it,
+    // and the message carries no file names.
+    const RunResult missing =
+        run_qrloss(dir, {"eval", "--loss", "rq", "--probs",
+                         dir.file("missing.npy"), "--target", probs},
+                   "QRLOSS_ISA=sse9 ");
+    CHECK(missing.status == 2);
+    CHECK(missing.err.find("QRLOSS_ISA") != std::string::npos);
+    CHECK(missing.err.find("missing.npy") == std::string::npos);
+    CHECK(missing.err.find("--target") == std::string::npos);
+  }
+
+  TEST_CASE("eval reports threads and variant") {
+    QRLOSS_REQUIRE_EXE_();
+    testing::TempDir dir("qrloss_test_cli_");
+    const std::string probs = dir.file("probs.npy");
+    write_filled(probs, {2, 3}, 1.0 / 3.0);
+    const std::vector<std::string> args = {"eval", "--loss", "qr", "--probs",
+                                           probs, "--target", probs};
+    // --threads 0 (the default) resolves to OMP_NUM_THREADS.
+    const RunResult by_default = run_qrloss(dir, args, "OMP_NUM_THREADS=3 ");
+    INFO("stderr: " << by_default.err);
+    REQUIRE(by_default.status == 0);
+    const nlohmann::json output = nlohmann::json::parse(by_default.out);
+    CHECK(output.at("threads") == 3);
+    // The child inherits this process's environment, so it runs the same
+    // variant of the same library.
+    CHECK(output.at("simd") == qrloss::kernel_isa());
+
+    const RunResult given =
+        run_qrloss(dir, {"eval", "--loss", "qr", "--probs", probs, "--target",
+                         probs, "--threads", "2"},
+                   "OMP_NUM_THREADS=3 ");
+    REQUIRE(given.status == 0);
+    CHECK(nlohmann::json::parse(given.out).at("threads") == 2);
   }
 
   TEST_CASE("eval rejects bad input") {

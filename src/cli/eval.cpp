@@ -17,6 +17,7 @@
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
+#include <omp.h>
 
 #include "commands.hpp"
 #include "qrloss/error.hpp"
@@ -42,11 +43,13 @@ struct EvalResult {
   double loss = 0.0;
   Shape shape;
   npy::DType dtype = npy::DType::kFloat64;
+  int threads = 0;   // the count used: --threads, or the OpenMP default
+  std::string simd;  // the kernel variant, as bench reports it
 };
 
-// Accepts text that strtod parses completely to 0 or a value in
-// [kMinPositiveEps, kMaxEps], the range the library accepts; NaN
-// and inf are rejected here because they would pass a range check.
+// Accepts a decimal number, read whole, that is 0 or lies in
+// [kMinPositiveEps, kMaxEps], the range the library accepts; NaN and inf
+// are rejected here because they would pass a range check.
 std::string check_eps_text(const std::string& text) {
   // from_chars with chars_format::general reads decimal and exponent
   // notation only, where strtod would also take hexadecimal ("0x10" = 16).
@@ -178,12 +181,18 @@ EvalResult run_eval(const EvalSettings& settings) {
   const std::string& input_path =
       from_logits ? settings.logits_path : settings.probs_path;
 
+  // A bad QRLOSS_ISA is reported before any file is read, and without
+  // the file names that input errors carry.
+  EvalResult result;
+  result.simd = qrloss::kernel_isa();
+  result.threads =
+      settings.threads > 0 ? settings.threads : omp_get_max_threads();
+
   check_grad_out(settings, input_option, input_path);
   npy::Array input = read_option(input_option, input_path);
   npy::Array target = read_option("--target", settings.target_path);
   check_inputs(input_option, input_path, input, settings.target_path, target);
 
-  EvalResult result;
   result.shape = input.shape;
   result.dtype = input.dtype;
   try {
@@ -229,7 +238,8 @@ nlohmann::ordered_json to_json(const EvalSettings& settings,
   output["shape"] = result.shape;
   output["dtype"] = npy::dtype_name(result.dtype);
   output["eps"] = settings.eps;
-  output["threads"] = settings.threads;
+  output["simd"] = result.simd;
+  output["threads"] = result.threads;
   if (settings.grad_out_path.empty()) {
     output["grad_out"] = nullptr;
   } else {
@@ -290,8 +300,9 @@ void add_eval_command(CLI::App& app) {
       "Output: one JSON object with the keys loss (a number, or null when "
       "not finite), loss_text (the loss with 17 significant digits, or inf "
       "or nan), loss_name, input ('probs' or 'logits'), input_file, "
-      "target_file, shape, dtype, eps, threads and grad_out (a path or "
-      "null).\n"
+      "target_file, shape, dtype, eps, simd (the kernel variant), threads "
+      "(the count used, so 0 gives the OpenMP default) and grad_out (a path "
+      "or null).\n"
       "Errors: one line on stderr, nothing on stdout, no --grad-out file, "
       "exit status 2 for bad usage or input and 1 for internal errors.");
 
