@@ -766,6 +766,8 @@ TEST_SUITE("cli") {
     CHECK(bench.status == kExitUsage);
     CHECK(bench.out.empty());
     CHECK(bench.err.find("--repeat") != std::string::npos);
+    // Its message starts with the command, as the command's own errors do.
+    CHECK(bench.err.rfind("qrloss bench: --repeat: ", 0) == 0);
     // A usage error inside a command points to that command's help.
     CHECK(bench.err.find("(run 'qrloss bench --help' for usage)") !=
           std::string::npos);
@@ -780,10 +782,23 @@ TEST_SUITE("cli") {
       const RunResult shape = run_qrloss(dir, {"bench", "--shape", text});
       CHECK(shape.status == kExitUsage);
       CHECK(shape.out.empty());
-      CHECK(shape.err.find("--shape: expected whole-number extents such as "
-                           "16,6,512,512, got '" +
-                           text + "'") != std::string::npos);
+      CHECK(shape.err.rfind("qrloss bench: --shape: expected whole-number "
+                            "extents such as 16,6,512,512, got '" +
+                                text + "'",
+                            0) == 0);
     }
+
+    // A wrong count of extents, or a zero extent, reads the same way.
+    const RunResult rank = run_qrloss(dir, {"bench", "--shape", "1,2,3"});
+    CHECK(rank.status == kExitUsage);
+    CHECK(rank.err.rfind(
+              "qrloss bench: --shape: expected B,C or B,C,H,W, got '1,2,3'",
+              0) == 0);
+    const RunResult zero = run_qrloss(dir, {"bench", "--shape", "0,1,2,3"});
+    CHECK(zero.status == kExitUsage);
+    CHECK(zero.err.rfind("qrloss bench: --shape: expected positive extents",
+                         0) == 0);
+    CHECK(zero.err.find("got '0,1,2,3'") != std::string::npos);
   }
 
 }  // TEST_SUITE("cli")

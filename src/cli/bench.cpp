@@ -33,6 +33,10 @@ struct BenchSettings {
   bool loss_only = false;
 };
 
+// Largest element count that bench allocates: five tensors of this size
+// (input, target, gradient and two triad arrays) must fit in memory.
+constexpr std::int64_t kMaxBenchElements = std::int64_t{1} << 31;
+
 // Reads comma-separated whole numbers such as "16,6,512,512" into
 // `extents`. Every item must be a number (digits, with an optional leading
 // '+' or '-'), so an empty item ("2,,64" or a trailing comma) or a space is
@@ -58,29 +62,30 @@ std::string parse_extents(const std::string& text,
   }
 }
 
-// Largest element count that bench allocates: five tensors of this size
-// (input, target, gradient and two triad arrays) must fit in memory.
-constexpr std::int64_t kMaxBenchElements = std::int64_t{1} << 31;
-
-void run_bench(BenchSettings& settings) {
-  // The validator of --shape has accepted the text already.
-  parse_extents(settings.shape_text, &settings.shape);
-  if (settings.shape.size() != 2 && settings.shape.size() != 4) {
-    fail_command("bench", kExitUsage,
-                 "bad --shape: expected B,C or B,C,H,W, got " +
-                     qrloss::format_shape(settings.shape));
+// Reads a --shape text into `shape`: two or four positive extents with at
+// most kMaxBenchElements elements in all. Returns the error message, or "".
+std::string parse_shape(const std::string& text,
+                        std::vector<std::int64_t>* shape) {
+  const std::string error = parse_extents(text, shape);
+  if (!error.empty()) return error;
+  if (shape->size() != 2 && shape->size() != 4) {
+    return "expected B,C or B,C,H,W, got '" + text + "'";
   }
   std::int64_t elements = 1;
-  for (std::int64_t extent : settings.shape) {
+  for (std::int64_t extent : *shape) {
     if (extent <= 0 || elements > kMaxBenchElements / extent) {
-      fail_command("bench", kExitUsage,
-                   "bad --shape: expected positive extents with at most " +
-                       std::to_string(kMaxBenchElements) +
-                       " elements in all, got " +
-                       qrloss::format_shape(settings.shape));
+      return "expected positive extents with at most " +
+             std::to_string(kMaxBenchElements) + " elements in all, got '" +
+             text + "'";
     }
     elements *= extent;
   }
+  return {};
+}
+
+void run_bench(BenchSettings& settings) {
+  // The validator of --shape has accepted the text already.
+  parse_shape(settings.shape_text, &settings.shape);
 
   bench::Workload workload;
   workload.kind = settings.loss == "qr" ? LossKind::kQR : LossKind::kRQ;
@@ -154,8 +159,8 @@ void add_bench_command(CLI::App& app) {
           [](std::string& text) {
             // CLI11's own message for a failed conversion names neither
             // the format nor the value's role.
-            std::vector<std::int64_t> extents;
-            return parse_extents(text, &extents);
+            std::vector<std::int64_t> shape;
+            return parse_shape(text, &shape);
           },
           ""))
       ->type_name("B,C,H,W")

@@ -93,13 +93,14 @@ int main(int argc, char** argv) {
     if (error.get_exit_code() == static_cast<int>(CLI::ExitCodes::Success)) {
       return app.exit(error);  // --help or --version
     }
-    // The options are listed by the help of the command being parsed.
-    std::string help = "qrloss --help";
+    // The message names the command being parsed, as the commands' own
+    // errors do, and points to its help, which lists its options.
+    std::string prefix = "qrloss";
     for (const CLI::App* command : app.get_subcommands()) {
-      help = "qrloss " + command->get_name() + " --help";
+      prefix = "qrloss " + command->get_name();
     }
-    std::cerr << "qrloss: " << cli::one_line(error.what()) << " (run '"
-              << help << "' for usage)" << std::endl;
+    std::cerr << prefix << ": " << cli::one_line(error.what()) << " (run '"
+              << prefix << " --help' for usage)" << std::endl;
     return cli::kExitUsage;
   } catch (const std::bad_alloc&) {
     std::cerr << "qrloss: internal error: out of memory" << std::endl;
