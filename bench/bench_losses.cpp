@@ -85,14 +85,14 @@ void register_all() {
         Workload w;
         w.kind = kind;
         w.from_logits = from_logits;
-        w.shape = {4, C, 256, 256};
+        w.shape = Shape{4, C, 256, 256};
         add(w, all_cores);
       }
       for (std::int64_t side : {64, 256, 1024, 2048}) {
         Workload w;
         w.kind = kind;
         w.from_logits = from_logits;
-        w.shape = {1, 6, side, side};
+        w.shape = Shape{1, 6, side, side};
         add(w, all_cores);
       }
     }

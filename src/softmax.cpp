@@ -3,6 +3,7 @@
 
 #include "qrloss/softmax.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -78,7 +79,12 @@ Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> softmax_jacobian(
     }
   }
   Eigen::Matrix<T, Eigen::Dynamic, 1> q(C);
-  const T max_logit = logits.maxCoeff();
+  // A plain loop: Eigen's maxCoeff makes GCC 12 warn of an uninitialised
+  // value inside the AVX-512 max intrinsic (a false positive).
+  T max_logit = logits[0];
+  for (Eigen::Index c = 1; c < C; ++c) {
+    max_logit = std::max(max_logit, logits[c]);
+  }
   double sum = 0.0;
   for (Eigen::Index c = 0; c < C; ++c) {
     q[c] = std::exp(logits[c] - max_logit);

@@ -14,7 +14,7 @@ struct Workload {
   LossKind kind = LossKind::kQR;
   bool from_logits = false;
   bool with_grad = true;
-  Shape shape = {16, 6, 512, 512};
+  Shape shape;  // B,C,H,W or B,C; every caller sets it
   bool float32 = true;
   int threads = 0;  // 0: OpenMP default
   int repeat = 5;
