@@ -1,7 +1,5 @@
 // Argument checks and error messages shared by every entry point.
 
-#include <omp.h>
-
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -147,7 +145,7 @@ void check_no_overlap(const char* function, const char* output_name,
 
 int resolve_threads(int requested) {
   if (requested > 0) return requested;
-  return std::max(1, omp_get_max_threads());
+  return std::max(1, default_threads());
 }
 
 template <typename T>

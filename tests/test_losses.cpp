@@ -4,7 +4,9 @@
 // numerical limits.
 
 #include <doctest/doctest.h>
+#ifdef _OPENMP
 #include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -1092,6 +1094,7 @@ TEST_SUITE("losses") {
     }
   }
 
+#ifdef _OPENMP  // the test is about OpenMP teams
   TEST_CASE_TEMPLATE("calls inside omp parallel region", T, float, double) {
     // Each caller thread writes its own gradient buffer, and all of them
     // read the same inputs.
@@ -1145,6 +1148,7 @@ TEST_SUITE("losses") {
       }
     }
   }
+#endif
 
   TEST_CASE_TEMPLATE("concurrent std threads", T, float, double) {
     // Each std::thread has its own input, target and gradient buffers and

@@ -2,8 +2,6 @@
 
 #include "bench_support.hpp"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -11,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "detail/openmp.hpp"
 #include "qrloss/error.hpp"
 
 namespace qrloss::bench {
@@ -66,7 +65,8 @@ struct Buffers {
 /// Fills probs (or logits) and a prior. Values are written by the threads
 /// that later read them (first touch), which matters on NUMA machines.
 template <typename T>
-Buffers<T> make_buffers(const Shape& shape, bool from_logits, int threads) {
+Buffers<T> make_buffers(const Shape& shape, bool from_logits,
+                        [[maybe_unused]] int threads) {
   std::int64_t n = 1;
   for (std::int64_t extent : shape) n *= extent;
   const std::int64_t C = shape[1];
@@ -121,7 +121,7 @@ double run_kernel(const Workload& workload, Buffers<T>& buffers,
 
 template <typename T>
 void run_triad(AlignedVector<T>& a, const AlignedVector<T>& b,
-               const AlignedVector<T>& c, int threads) {
+               const AlignedVector<T>& c, [[maybe_unused]] int threads) {
   const auto n = static_cast<std::int64_t>(a.size());
   const T scale = T(0.5);
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -145,7 +145,8 @@ double median(std::vector<double> values) {
 template <typename T>
 Timing time_typed(const Workload& workload) {
   const int threads =
-      workload.threads > 0 ? workload.threads : omp_get_max_threads();
+      workload.threads > 0 ? workload.threads
+                           : qrloss::detail::default_threads();
   Buffers<T> buffers =
       make_buffers<T>(workload.shape, workload.from_logits, threads);
   LossOptions options;

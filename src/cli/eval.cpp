@@ -17,9 +17,9 @@
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
-#include <omp.h>
 
 #include "commands.hpp"
+#include "detail/openmp.hpp"
 #include "qrloss/error.hpp"
 #include "qrloss/losses.hpp"
 #include "qrloss/npy.hpp"
@@ -186,7 +186,8 @@ EvalResult run_eval(const EvalSettings& settings) {
   EvalResult result;
   result.simd = qrloss::kernel_isa();
   result.threads =
-      settings.threads > 0 ? settings.threads : omp_get_max_threads();
+      settings.threads > 0 ? settings.threads
+                           : qrloss::detail::default_threads();
 
   check_grad_out(settings, input_option, input_path);
   npy::Array input = read_option(input_option, input_path);

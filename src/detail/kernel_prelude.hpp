@@ -5,7 +5,6 @@
 // copy the linker picks runs on any machine.
 
 #include <immintrin.h>
-#include <omp.h>
 
 #include <Eigen/Core>
 #include <algorithm>

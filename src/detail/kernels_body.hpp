@@ -256,7 +256,7 @@ bool repack_items(const Geometry& geometry, const T* src, T* dst, int threads,
   const Index C = geometry.C;
   const Index P = geometry.P;
   const Index item_blocks = (B + kItems - 1) / kItems;
-  const int team = static_cast<int>(
+  [[maybe_unused]] const int team = static_cast<int>(
       std::min<Index>(static_cast<Index>(threads), item_blocks));
   Flag<T> bad = 0;
 #pragma omp parallel for schedule(static) num_threads(team) reduction(|:bad)

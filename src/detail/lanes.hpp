@@ -2,8 +2,6 @@
 // Tile iteration, fixed-order lane sums and input-value checks for the tile
 // loops. Part of the per-instruction-set code (see detail/kernels_body.hpp).
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -21,11 +19,12 @@ namespace qrloss::detail::QRLOSS_ISA {
 /// inline an AVX body, so each chunk was a call of its own.
 template <typename Body>
 void run_chunks(const ChunkPlan& plan, int threads, Body&& body) {
-  const int team = static_cast<int>(
+  // Unused without OpenMP, where the pragma is ignored.
+  [[maybe_unused]] const int team = static_cast<int>(
       std::min<Index>(static_cast<Index>(threads), plan.num_chunks));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(team)
   for (Index chunk = 0; chunk < plan.num_chunks; ++chunk) {
-    body(chunk, omp_get_thread_num());
+    body(chunk, thread_number());
   }
 }
 
@@ -60,7 +59,6 @@ inline Flag<T> invalid_flag(T v, ValueRule rule) {
   return static_cast<Flag<T>>(!(v >= lowest)) |
          static_cast<Flag<T>>(!(v <= kMax));
 }
-
 
 /// Calls finish(i, s_i) for every pixel i < n, where s_i is the sum over
 /// classes c < C of term(c, i) in double, added in class order from 0.0.

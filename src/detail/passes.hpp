@@ -15,8 +15,6 @@
 #error "qrloss needs IEEE floating-point semantics: build it without -ffast-math, -Ofast, -ffinite-math-only or other unsafe-math flags"
 #endif
 
-#include <omp.h>
-
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
@@ -26,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "detail/openmp.hpp"
 #include "qrloss/error.hpp"
 #include "qrloss/tensor.hpp"
 
