@@ -110,12 +110,10 @@ Geometry make_geometry(const char* function, const char* tensor,
 }
 
 void check_eps(const char* function, double eps) {
-  if (!(std::isfinite(eps) && eps >= 0.0)) {
-    throw invalid_argument(std::string(function) +
-                           ": bad eps: expected finite and >= 0, got " +
-                           format_double(eps));
-  }
-  if (eps != 0.0 && (eps < kMinPositiveEps || eps > kMaxEps)) {
+  // NaN fails every comparison, so it takes the error branch too.
+  const bool valid =
+      eps == 0.0 || (eps >= kMinPositiveEps && eps <= kMaxEps);
+  if (!valid) {
     throw invalid_argument(
         std::string(function) + ": bad eps: expected 0 or a value in [" +
         format_bound(kMinPositiveEps) + ", " + format_bound(kMaxEps) +
@@ -141,6 +139,31 @@ void check_no_overlap(const char* function, const char* output_name,
   throw invalid_argument(
       std::string(function) + ": overlapping buffers: " + output_name +
       " overlaps " + input_name + "; pass a separate output buffer");
+}
+
+void throw_tiny_class_total(const char* function, Index c, double total,
+                            const char* dtype) {
+  throw invalid_argument(
+      std::string(function) + ": non-finite result: class " +
+      std::to_string(c) + " has total probability " + format_double(total) +
+      " over the batch, so with eps = 0 the factor 1 / s_c overflows " +
+      dtype + "; use eps > 0");
+}
+
+void throw_gradient_overflow(const char* function, const char* dtype,
+                             double eps, Index c, double total) {
+  std::string reason;
+  if (eps == 0.0) {
+    reason = "with eps = 0 it scales with 1 / s_c, and class " +
+             std::to_string(c) + " has total probability " +
+             format_double(total) + " over the batch; use eps > 0";
+  } else {
+    reason = "it scales with p / s_c, so rescale the target (or use a "
+             "larger eps)";
+  }
+  throw invalid_argument(std::string(function) +
+                         ": non-finite result: the gradient overflows " +
+                         dtype + " although the loss is finite; " + reason);
 }
 
 int resolve_threads(int requested) {

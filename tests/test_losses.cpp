@@ -1298,7 +1298,8 @@ TEST_SUITE("losses") {
               call_entry(entry, probs.data(), target.data(), grad.data(),
                          shape, options);
             },
-            name + ": bad eps: expected finite and >= 0, got " + printed[k]);
+            name + ": bad eps: expected 0 or a value in [1e-20, 1e+20], got " +
+                printed[k]);
       }
     }
   }
@@ -1906,6 +1907,110 @@ TEST_SUITE("losses") {
     CHECK(std::isfinite(qrloss::rq_loss_grad(probs.data(), target.data(),
                                              grad.data(), shape, positive)));
     CHECK_FALSE(testing::any_nan(grad));
+  }
+
+  TEST_CASE_TEMPLATE("rq eps zero tiny class total", T, float, double) {
+    // Class 1's total is positive but so small that 1 / s_1 overflows T
+    // (4e-310 in double; 1e-40, a float subnormal, in float). The kernel
+    // multiplies by 1 / s_c, so it must refuse rather than return NaN or
+    // a loss of 0.
+    const T tiny = sizeof(T) == 8 ? T(4e-310) : T(1e-40);
+    const Shape shape{3, 3};
+    const std::vector<T> probs = {T(0.5), tiny, T(0.5), T(0.3), 0,
+                                  T(0.7), T(0.2), 0,    T(0.8)};
+    const std::vector<T> target = {T(0.2), T(0.5), T(0.3), T(0.1), T(0.6),
+                                   T(0.3), T(0.3), T(0.3), T(0.4)};
+    std::vector<T> grad(probs.size());
+    LossOptions options;
+    options.eps = 0.0;
+    for (const EntryPoint& entry : kAllEntryPoints) {
+      if (entry.kind != LossKind::kRQ || entry.from_logits) continue;
+      const std::string name = function_name(entry);
+      CAPTURE(name);
+      testing::check_invalid_argument(
+          [&] {
+            call_entry(entry, probs.data(), target.data(), grad.data(),
+                       shape, options);
+          },
+          name + ": non-finite result: class 1 has total probability ");
+    }
+
+    LossOptions positive;
+    positive.eps = 1e-8;
+    CHECK(std::isfinite(qrloss::rq_loss_grad(probs.data(), target.data(),
+                                             grad.data(), shape, positive)));
+    CHECK_FALSE(testing::any_nan(grad));
+  }
+
+  TEST_CASE("rq eps zero gradient overflow") {
+    // With a class total of 1e-308, 1 / s_1 = 1e308 still fits in double
+    // and the loss is finite, but dL/dq of class 1 at pixels where q = 0
+    // scales with p / (s_1 t) and overflows.
+    const Shape shape{3, 3};
+    const std::vector<double> probs = {0.5, 1e-308, 0.5, 0.3, 0.0,
+                                       0.7, 0.2,    0.0, 0.8};
+    const std::vector<double> target = {0.2, 0.5, 0.3, 0.1, 0.6,
+                                        0.3, 0.3, 0.3, 0.4};
+    LossOptions options;
+    options.eps = 0.0;
+
+    // The loss straight from its definition, dividing q by s_c.
+    double expected = 0.0;
+    for (int b = 0; b < 3; ++b) {
+      double t = 0.0;
+      for (int c = 0; c < 3; ++c) {
+        const double s = probs[c] + probs[3 + c] + probs[6 + c];
+        t += probs[b * 3 + c] / s * target[b * 3 + c];
+      }
+      for (int c = 0; c < 3; ++c) {
+        const double q = probs[b * 3 + c];
+        const double s = probs[c] + probs[3 + c] + probs[6 + c];
+        const double r = q / s * target[b * 3 + c] / t;
+        if (r > 0.0) expected += r * (std::log(r) - std::log(q)) / 3.0;
+      }
+    }
+    const double loss =
+        qrloss::rq_loss(probs.data(), target.data(), shape, options);
+    CHECK(loss == doctest::Approx(expected).epsilon(1e-12));
+
+    std::vector<double> grad(probs.size());
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::rq_loss_grad(probs.data(), target.data(), grad.data(),
+                               shape, options);
+        },
+        "rq_loss_grad: non-finite result: the gradient overflows float64 "
+        "although the loss is finite; with eps = 0 it scales with 1 / s_c, "
+        "and class 1 has total probability ");
+  }
+
+  TEST_CASE("rq gradient overflow with eps") {
+    // eps = 1e-20 clamps s_1 = 0 to 1e-20, and a target of 1e19 where
+    // q = 0 makes dL/dq = p / (N s_1 t) too large for float.
+    const Shape shape{3, 3};
+    const std::vector<float> probs = {0.5f, 0.0f, 0.5f, 0.3f, 0.0f,
+                                      0.7f, 0.2f, 0.0f, 0.8f};
+    const std::vector<float> target = {0.2f, 1e19f, 0.3f, 0.1f, 0.6f,
+                                       0.3f, 0.3f,  0.3f, 0.4f};
+    LossOptions options;
+    options.eps = 1e-20;
+    std::vector<float> grad(probs.size());
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::rq_loss_grad(probs.data(), target.data(), grad.data(),
+                               shape, options);
+        },
+        "rq_loss_grad: non-finite result: the gradient overflows float32 "
+        "although the loss is finite; it scales with p / s_c, so rescale the "
+        "target (or use a larger eps)");
+    // In double the same gradient is finite.
+    const std::vector<double> probs64(probs.begin(), probs.end());
+    const std::vector<double> target64(target.begin(), target.end());
+    std::vector<double> grad64(probs.size());
+    qrloss::rq_loss_grad(probs64.data(), target64.data(), grad64.data(), shape,
+                         options);
+    CHECK_FALSE(testing::any_nan(grad64));
+    CHECK(std::isfinite(testing::max_abs(grad64)));
   }
 
   TEST_CASE_TEMPLATE("qr eps zero zero target", T, float, double) {

@@ -107,7 +107,9 @@ double qr_loss_grad(const T* probs, const T* target, T* dL_dq,
 ///   L = (1/N) sum_pixels sum_c r_c * (log(r_c + eps) - log(q_c + eps))
 ///                                                               [eq. 3]
 /// With eps = 0 every class must have a positive sum over the batch, since
-/// z = q / s_c would be 0/0 (an error is thrown otherwise).
+/// z = q / s_c would be 0/0, and one large enough that 1 / s_c fits in T
+/// (above about 2.9e-39 in float, 5.6e-309 in double); an error is thrown
+/// otherwise.
 template <typename T>
 double rq_loss(const T* probs, const T* target, const Shape& shape,
                const LossOptions& options = {});
@@ -121,6 +123,8 @@ double rq_loss(const T* probs, const T* target, const Shape& shape,
 ///             (the last term is 0 when s_c is clamped)          [eq. 4]
 /// Cost: a pass over probs for s_c, a pass over probs and target that
 /// writes the per-pixel part of the gradient, and a pass over dL_dq.
+/// w_c can overflow T where q_c = 0 (a tiny s_c with eps = 0, or a huge
+/// target with a tiny eps); an entry of dL/dq that is not finite throws.
 template <typename T>
 double rq_loss_grad(const T* probs, const T* target, T* dL_dq,
                     const Shape& shape, const LossOptions& options = {});

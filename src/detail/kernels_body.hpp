@@ -787,8 +787,13 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   std::vector<double> inv_s(static_cast<std::size_t>(C));
   std::vector<T> inv_s_t(static_cast<std::size_t>(C));
   std::vector<char> s_clamped(static_cast<std::size_t>(C));
+  const char* dtype = sizeof(T) == 4 ? "float32" : "float64";
+  Index smallest_class = 0;  // named when the gradient overflows
   for (Index c = 0; c < C; ++c) {
     const double S = stats.sum_q[static_cast<std::size_t>(c)];
+    if (S < stats.sum_q[static_cast<std::size_t>(smallest_class)]) {
+      smallest_class = c;
+    }
     if (eps_zero && S == 0.0) {
       throw invalid_argument(
           std::string(function) + ": undefined loss: class " +
@@ -797,6 +802,10 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           "z = q / s_c is 0/0; use eps > 0");
     }
     const double s = std::max(S, call.eps);
+    // With eps > 0, s >= 1e-20 and 1 / s fits in float.
+    if (!std::isfinite(static_cast<T>(1.0 / s))) {
+      throw_tiny_class_total(function, c, S, dtype);
+    }
     s_clamped[static_cast<std::size_t>(c)] = S < call.eps;
     inv_s[static_cast<std::size_t>(c)] = 1.0 / s;
     inv_s_t[static_cast<std::size_t>(c)] = static_cast<T>(1.0 / s);
@@ -806,6 +815,10 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   // part of the gradient [eq. 3, eq. 4].
   PartialSums partial(call.plan.num_chunks, C + 1);
   BadIndexLog bad_target(call.plan.num_chunks);
+  // Chunks whose gradient has a non-finite entry; one byte each, since
+  // the threads of std::vector<bool> would share words.
+  std::vector<unsigned char> overflowed(
+      static_cast<std::size_t>(call.plan.num_chunks), 0);
   const T inv_pixels = static_cast<T>(call.inv_pixels);
   run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
     Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
@@ -955,21 +968,27 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           // cache, instead of going through scratch.
           const T* p = target + geometry.offset(b, c, p0);
           const T scale = inv_s_t[static_cast<std::size_t>(c)];
-          QRLOSS_SIMD_LOOP
+          Flag<T> bad = 0;
+          QRLOSS_SIMD_LOOP_FLAGS
           for (Index i = 0; i < n; ++i) {
             const T centred = a[i] - abar_t[i];
             const T wi = p[i] * scale * inv_t[i];
             term[i] = r[i] * centred;
             out[i] = inv_pixels * wi * (centred - q_share[i]);
+            bad |= invalid_flag(out[i], ValueRule::kFinite);
           }
+          if (bad != 0) overflowed[static_cast<std::size_t>(chunk)] = 1;
         } else {
           const T* w = space.w.data() + c * L;
-          QRLOSS_SIMD_LOOP
+          Flag<T> bad = 0;
+          QRLOSS_SIMD_LOOP_FLAGS
           for (Index i = 0; i < n; ++i) {
             const T centred = a[i] - abar_t[i];
             term[i] = r[i] > T(0) ? r[i] * (centred + T(1)) : T(0);
             out[i] = w[i] > T(0) ? inv_pixels * w[i] * centred : T(0);
+            bad |= invalid_flag(out[i], ValueRule::kFinite);
           }
+          if (bad != 0) overflowed[static_cast<std::size_t>(chunk)] = 1;
         }
         sums.add(1 + c, term, n);
       }
@@ -985,6 +1004,14 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   const double loss = call.inv_pixels * totals[0];
   raise_if_nan(call, loss, "the loss");
   if (!want_grad) return loss;
+  const auto raise_overflow = [&] {
+    throw_gradient_overflow(
+        function, dtype, call.eps, smallest_class,
+        stats.sum_q[static_cast<std::size_t>(smallest_class)]);
+  };
+  if (std::find(overflowed.begin(), overflowed.end(), 1) != overflowed.end()) {
+    raise_overflow();
+  }
 
   // Pass 3: the batch-wide term -G_c / s_c, which is 0 for a clamped s_c.
   std::vector<T> class_term(static_cast<std::size_t>(C));
@@ -993,6 +1020,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
     const double G = call.inv_pixels * totals[k + 1];
     raise_if_nan(call, G, "a class term of the gradient");
     class_term[k] = s_clamped[k] ? T(0) : static_cast<T>(G * inv_s[k]);
+    if (!std::isfinite(class_term[k])) raise_overflow();
   }
   run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
     Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];

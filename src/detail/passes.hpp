@@ -68,7 +68,7 @@ struct Geometry {
 Geometry make_geometry(const char* function, const char* tensor,
                        const Shape& shape, std::size_t element_size);
 
-/// Throws unless eps is finite and >= 0.
+/// Throws unless eps is 0 or lies in [kMinPositiveEps, kMaxEps].
 void check_eps(const char* function, double eps);
 
 /// Throws if `data` is null.
@@ -78,6 +78,17 @@ void check_not_null(const char* function, const char* tensor, const void* data);
 void check_no_overlap(const char* function, const char* output_name,
                       const void* output, const char* input_name,
                       const void* input, std::size_t bytes);
+
+/// Throws the error for RQ with eps = 0 where class c's total probability
+/// is so small that 1 / s_c overflows `dtype` (float32 or float64).
+[[noreturn]] void throw_tiny_class_total(const char* function, Index c,
+                                         double total, const char* dtype);
+
+/// Throws the error for an RQ gradient entry that overflows `dtype` while
+/// the loss is finite; c and total name the class of smallest total.
+[[noreturn]] void throw_gradient_overflow(const char* function,
+                                          const char* dtype, double eps,
+                                          Index c, double total);
 
 /// Resolves the requested thread count (0 = OpenMP default).
 int resolve_threads(int requested);
