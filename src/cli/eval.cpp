@@ -43,7 +43,7 @@ struct EvalResult {
   double loss = 0.0;
   Shape shape;
   npy::DType dtype = npy::DType::kFloat64;
-  int threads = 0;   // the count used: --threads, or the OpenMP default
+  int threads = 0;   // --threads, or the OpenMP default for 0
   std::string simd;  // the kernel variant, as bench reports it
 };
 
@@ -254,7 +254,8 @@ nlohmann::ordered_json to_json(const EvalSettings& settings,
 void run_and_print(const EvalSettings& settings) {
   if (settings.probs_path.empty() && settings.logits_path.empty()) {
     fail_command("eval", kExitUsage,
-                 "missing input: give --probs FILE or --logits FILE");
+                 "missing input: give --probs FILE or --logits FILE (run "
+                 "'qrloss eval --help' for usage)");
   }
 
   std::optional<EvalResult> result;
@@ -302,8 +303,8 @@ void add_eval_command(CLI::App& app) {
       "not finite), loss_text (the loss with 17 significant digits, or inf "
       "or nan), loss_name, input ('probs' or 'logits'), input_file, "
       "target_file, shape, dtype, eps, simd (the kernel variant), threads "
-      "(the count used, so 0 gives the OpenMP default) and grad_out (a path "
-      "or null).\n"
+      "(the count given to the library: --threads, or the OpenMP default "
+      "for 0; small inputs run on fewer) and grad_out (a path or null).\n"
       "Errors: one line on stderr, nothing on stdout, no --grad-out file, "
       "exit status 2 for bad usage or input and 1 for internal errors.");
 

@@ -46,7 +46,8 @@ CLI::Validator int_at_least(int minimum) {
         const long value = std::strtol(begin, &end, 10);
         if (end == begin || *end != '\0' || errno == ERANGE ||
             value < minimum || value > INT_MAX) {
-          return "expected an integer >= " + std::to_string(minimum) +
+          return "expected an integer from " + std::to_string(minimum) +
+                 " to " + std::to_string(INT_MAX) +
                  ", got '" + text + "'";
         }
         return {};
