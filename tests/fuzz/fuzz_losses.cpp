@@ -18,7 +18,8 @@
 //   exception escapes and libFuzzer reports it as a crash.
 // - A returned loss is not NaN. When eps > 0 and every input is finite,
 //   target is in [0, 1e6] and probs (not logits) is in [0, 1e6], the loss
-//   and every element of the gradient are finite.
+//   and every element of the gradient are finite, and no call throws
+//   "non-finite result".
 // - Inputs are not modified, and on success every gradient element is
 //   written (checked with check_finite on, where no NaN payload can come
 //   from the inputs).
@@ -370,17 +371,23 @@ template <typename T>
 void check_outcome(const Case& in, const char* function,
                    const Outcome<T>& out, bool with_grad, bool bounded) {
   const std::string context = describe(in, function);
+  const bool strict = bounded && in.options.eps > 0.0 &&
+                      std::isfinite(in.options.eps);
   if (out.threw) {
     if (out.message.rfind(std::string(function) + ": ", 0) != 0) {
       fail(context + ": message does not start with the function name: " +
+           out.message);
+    }
+    // The library throws "non-finite result" for a NaN loss or an RQ
+    // gradient entry that overflows, which these inputs must not give.
+    if (strict && out.message.find("non-finite result") != std::string::npos) {
+      fail(context + ": non-finite result for eps > 0 and bounded inputs: " +
            out.message);
     }
     return;
   }
   if (in.bad_shape) fail(context + ": accepted an invalid shape");
   if (std::isnan(out.loss)) fail(context + ": returned a NaN loss");
-  const bool strict = bounded && in.options.eps > 0.0 &&
-                      std::isfinite(in.options.eps);
   if (strict && !std::isfinite(out.loss)) {
     fail(context + ": loss " + std::to_string(out.loss) +
          " is not finite for eps > 0 and bounded inputs");
