@@ -1,5 +1,6 @@
 // Argument checks and error messages shared by every entry point.
 
+#include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -33,19 +34,17 @@ namespace detail {
 
 namespace {
 
+/// Formats a value with the fewest digits that read back as the same
+/// double, and no '+' in the exponent: 1e-30 (not 1.0000000000000001e-30)
+/// and 1e20, as the command line and the docs write them.
 std::string format_double(double value) {
-  std::ostringstream out;
-  out.precision(std::numeric_limits<double>::max_digits10);
-  out << value;
-  return out.str();
-}
-
-/// Formats a limit the way it is written in the source (1e-20, not
-/// 9.9999999999999995e-21).
-std::string format_bound(double value) {
-  std::ostringstream out;
-  out << value;
-  return out.str();
+  char text[32];
+  const std::to_chars_result result =
+      std::to_chars(text, text + sizeof text, value);
+  std::string formatted(text, result.ptr);
+  const std::size_t plus = formatted.find("e+");
+  if (plus != std::string::npos) formatted.erase(plus + 1, 1);
+  return formatted;
 }
 
 }  // namespace
@@ -116,7 +115,7 @@ void check_eps(const char* function, double eps) {
   if (!valid) {
     throw invalid_argument(
         std::string(function) + ": bad eps: expected 0 or a value in [" +
-        format_bound(kMinPositiveEps) + ", " + format_bound(kMaxEps) +
+        format_double(kMinPositiveEps) + ", " + format_double(kMaxEps) +
         "], got " + format_double(eps));
   }
 }
@@ -164,11 +163,6 @@ void throw_gradient_overflow(const char* function, const char* dtype,
   throw invalid_argument(std::string(function) +
                          ": non-finite result: the gradient overflows " +
                          dtype + " although the loss is finite; " + reason);
-}
-
-int resolve_threads(int requested) {
-  if (requested > 0) return requested;
-  return std::max(1, default_threads());
 }
 
 template <typename T>

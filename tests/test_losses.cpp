@@ -17,6 +17,7 @@
 #include <limits>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <Eigen/Core>
@@ -1298,7 +1299,7 @@ TEST_SUITE("losses") {
               call_entry(entry, probs.data(), target.data(), grad.data(),
                          shape, options);
             },
-            name + ": bad eps: expected 0 or a value in [1e-20, 1e+20], got " +
+            name + ": bad eps: expected 0 or a value in [1e-20, 1e20], got " +
                 printed[k]);
       }
     }
@@ -1690,13 +1691,18 @@ TEST_SUITE("losses") {
     // p / (s_c t) overflows for tiny eps, so such eps are rejected.
     const Shape shape{1, 2, 1, 2};
     const std::vector<double> probs = {0.5, 0.5, 0.5, 0.5};
-    for (double eps : {1e-21, 1e-300, 1e21, 1e300}) {
+    // The message prints eps with the fewest digits that read back.
+    const std::pair<double, const char*> bad[] = {
+        {1e-21, "1e-21"}, {1e-300, "1e-300"}, {1e21, "1e21"}, {1e300, "1e300"}};
+    for (const auto& [eps, printed] : bad) {
       CAPTURE(eps);
       LossOptions options;
       options.eps = eps;
       testing::check_invalid_argument(
           [&] { qrloss::qr_loss(probs.data(), probs.data(), shape, options); },
-          "qr_loss: bad eps: expected 0 or a value in [1e-20, 1e+20], got");
+          std::string("qr_loss: bad eps: expected 0 or a value in [1e-20, "
+                      "1e20], got ") +
+              printed);
     }
     for (double eps : {0.0, 1e-20, 1e20}) {
       CAPTURE(eps);

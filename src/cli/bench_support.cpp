@@ -144,9 +144,7 @@ double median(std::vector<double> values) {
 
 template <typename T>
 Timing time_typed(const Workload& workload) {
-  const int threads =
-      workload.threads > 0 ? workload.threads
-                           : qrloss::detail::default_threads();
+  const int threads = qrloss::detail::resolve_threads(workload.threads);
   Buffers<T> buffers =
       make_buffers<T>(workload.shape, workload.from_logits, threads);
   LossOptions options;

@@ -185,9 +185,7 @@ EvalResult run_eval(const EvalSettings& settings) {
   // the file names that input errors carry.
   EvalResult result;
   result.simd = qrloss::kernel_isa();
-  result.threads =
-      settings.threads > 0 ? settings.threads
-                           : qrloss::detail::default_threads();
+  result.threads = qrloss::detail::resolve_threads(settings.threads);
 
   check_grad_out(settings, input_option, input_path);
   npy::Array input = read_option(input_option, input_path);

@@ -8,13 +8,17 @@
 #include <omp.h>
 #endif
 
+#include <algorithm>
+
 namespace qrloss::detail {
 
-/// Returns the OpenMP default team size, or 1 without OpenMP.
-inline int default_threads() {
+/// Returns the threads a call runs with: `requested`, or the OpenMP
+/// default for 0. Without OpenMP it is 1, whatever was requested.
+inline int resolve_threads(int requested) {
 #ifdef _OPENMP
-  return omp_get_max_threads();
+  return requested > 0 ? requested : std::max(1, omp_get_max_threads());
 #else
+  static_cast<void>(requested);
   return 1;
 #endif
 }

@@ -90,9 +90,6 @@ void check_no_overlap(const char* function, const char* output_name,
                                           const char* dtype, double eps,
                                           Index c, double total);
 
-/// Resolves the requested thread count (0 = OpenMP default).
-int resolve_threads(int requested);
-
 /// Pixel chunks whose boundaries depend only on the pixel count, so that
 /// per-chunk partial sums combined in chunk order give the same bits for any
 /// thread count.
