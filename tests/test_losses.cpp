@@ -319,6 +319,35 @@ double forward_difference(
   return (-3.0 * f0 + 4.0 * f1 - f2) / (2.0 * h);
 }
 
+/// Checks that both RQ entry points from probs reject the inputs with
+/// eps = 0, with a message "<function>: <text>...", and that with eps =
+/// 1e-8 (where every class sum is clamped) the gradient has no NaN.
+template <typename T>
+void check_rq_eps_zero_rejects(const std::vector<T>& probs,
+                               const std::vector<T>& target,
+                               const Shape& shape, const std::string& text) {
+  std::vector<T> grad(probs.size());
+  LossOptions options;
+  options.eps = 0.0;
+  for (const EntryPoint& entry : kAllEntryPoints) {
+    if (entry.kind != LossKind::kRQ || entry.from_logits) continue;
+    const std::string name = function_name(entry);
+    CAPTURE(name);
+    testing::check_invalid_argument(
+        [&] {
+          call_entry(entry, probs.data(), target.data(), grad.data(), shape,
+                     options);
+        },
+        name + ": " + text);
+  }
+
+  LossOptions positive;
+  positive.eps = 1e-8;
+  CHECK(std::isfinite(qrloss::rq_loss_grad(probs.data(), target.data(),
+                                           grad.data(), shape, positive)));
+  CHECK_FALSE(testing::any_nan(grad));
+}
+
 }  // namespace
 
 TEST_SUITE("losses") {
@@ -1892,33 +1921,15 @@ TEST_SUITE("losses") {
       for (std::int64_t n = 0; n < 12; ++n) probs[(b * 5 + 2) * 12 + n] = 0;
     }
     const std::vector<T> target = testing::one_hot<T>(shape);
-    std::vector<T> grad(probs.size());
-    LossOptions options;
-    options.eps = 0.0;
-    for (const EntryPoint& entry : kAllEntryPoints) {
-      if (entry.kind != LossKind::kRQ || entry.from_logits) continue;
-      const std::string name = function_name(entry);
-      CAPTURE(name);
-      testing::check_invalid_argument(
-          [&] {
-            call_entry(entry, probs.data(), target.data(), grad.data(),
-                       shape, options);
-          },
-          name + ": undefined loss: class 2 has zero total probability");
-    }
-
-    // The same probs are fine with eps > 0: the class sum is clamped.
-    LossOptions positive;
-    positive.eps = 1e-8;
-    CHECK(std::isfinite(qrloss::rq_loss_grad(probs.data(), target.data(),
-                                             grad.data(), shape, positive)));
-    CHECK_FALSE(testing::any_nan(grad));
+    check_rq_eps_zero_rejects(
+        probs, target, shape,
+        "undefined loss: class 2 has zero total probability");
   }
 
   TEST_CASE_TEMPLATE("rq eps zero tiny class total", T, float, double) {
     // Class 1's total is positive but so small that 1 / s_1 overflows T
     // (4e-310 in double; 1e-40, a float subnormal, in float). The kernel
-    // multiplies by 1 / s_c, so it must refuse rather than return NaN or
+    // multiplies by 1 / s_c, so it must throw rather than return NaN or
     // a loss of 0.
     const T tiny = sizeof(T) == 8 ? T(4e-310) : T(1e-40);
     const Shape shape{3, 3};
@@ -1926,26 +1937,9 @@ TEST_SUITE("losses") {
                                   T(0.7), T(0.2), 0,    T(0.8)};
     const std::vector<T> target = {T(0.2), T(0.5), T(0.3), T(0.1), T(0.6),
                                    T(0.3), T(0.3), T(0.3), T(0.4)};
-    std::vector<T> grad(probs.size());
-    LossOptions options;
-    options.eps = 0.0;
-    for (const EntryPoint& entry : kAllEntryPoints) {
-      if (entry.kind != LossKind::kRQ || entry.from_logits) continue;
-      const std::string name = function_name(entry);
-      CAPTURE(name);
-      testing::check_invalid_argument(
-          [&] {
-            call_entry(entry, probs.data(), target.data(), grad.data(),
-                       shape, options);
-          },
-          name + ": non-finite result: class 1 has total probability ");
-    }
-
-    LossOptions positive;
-    positive.eps = 1e-8;
-    CHECK(std::isfinite(qrloss::rq_loss_grad(probs.data(), target.data(),
-                                             grad.data(), shape, positive)));
-    CHECK_FALSE(testing::any_nan(grad));
+    check_rq_eps_zero_rejects(probs, target, shape,
+                              "non-finite result: class 1 has total "
+                              "probability ");
   }
 
   TEST_CASE("rq eps zero gradient overflow") {
