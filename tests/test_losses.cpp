@@ -1985,8 +1985,9 @@ TEST_SUITE("losses") {
   }
 
   TEST_CASE("rq gradient overflow with eps") {
-    // eps = 1e-20 clamps s_1 = 0 to 1e-20, and a target of 1e19 where
-    // q = 0 makes dL/dq = p / (N s_1 t) too large for float.
+    // eps = 1e-20 clamps s_1 = 0 to 1e-20. A target of 1e19 where q = 0
+    // then makes dL/dq, which scales with p / (N s_1 t), too large for
+    // float.
     const Shape shape{3, 3};
     const std::vector<float> probs = {0.5f, 0.0f, 0.5f, 0.3f, 0.0f,
                                       0.7f, 0.2f, 0.0f, 0.8f};

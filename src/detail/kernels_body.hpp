@@ -815,8 +815,8 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   // part of the gradient [eq. 3, eq. 4].
   PartialSums partial(call.plan.num_chunks, C + 1);
   BadIndexLog bad_target(call.plan.num_chunks);
-  // Chunks whose gradient has a non-finite entry; one byte each, since
-  // the threads of std::vector<bool> would share words.
+  // Chunks whose gradient has a non-finite entry, one byte each, because
+  // threads writing a std::vector<bool> would share words.
   std::vector<unsigned char> overflowed(
       static_cast<std::size_t>(call.plan.num_chunks), 0);
   const T inv_pixels = static_cast<T>(call.inv_pixels);

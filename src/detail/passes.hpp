@@ -85,7 +85,7 @@ void check_no_overlap(const char* function, const char* output_name,
                                          double total, const char* dtype);
 
 /// Throws the error for an RQ gradient entry that overflows `dtype` while
-/// the loss is finite; c and total name the class of smallest total.
+/// the loss is finite. c and total name the class of smallest total.
 [[noreturn]] void throw_gradient_overflow(const char* function,
                                           const char* dtype, double eps,
                                           Index c, double total);
