@@ -781,6 +781,33 @@ TEST_SUITE("cli") {
     CHECK(unknown.err.rfind("qrloss: ", 0) == 0);
     CHECK(unknown.err.find("evaluate") != std::string::npos);
 
+    CHECK(unknown.err.rfind(
+              "qrloss: unknown command 'evaluate': give eval or bench", 0) ==
+          0);
+
+    // Leftover arguments are quoted in command-line order. They come before
+    // a missing required option, since a misspelt option causes both.
+    const RunResult extra =
+        run_qrloss(dir, {"bench", "--shape", "1,2,3,4", "extra", "-x"});
+    CHECK(extra.status == kExitUsage);
+    CHECK(extra.err.rfind(
+              "qrloss bench: unexpected arguments 'extra', '-x' (run", 0) ==
+          0);
+    const RunResult misspelt =
+        run_qrloss(dir, {"eval", "--los", "qr", "--target", "t.npy"});
+    CHECK(misspelt.status == kExitUsage);
+    CHECK(misspelt.err.rfind("qrloss eval: unexpected arguments '--los', "
+                             "'qr'; --loss is required (run",
+                             0) == 0);
+
+    // An option given twice names the option and the count.
+    const RunResult twice =
+        run_qrloss(dir, {"eval", "--eps", "1e-8", "--eps", "0"});
+    CHECK(twice.status == kExitUsage);
+    CHECK(twice.err.rfind(
+              "qrloss eval: --eps: given 2 times; give it once (run", 0) ==
+          0);
+
     const RunResult bench = run_qrloss(dir, {"bench", "--repeat", "0"});
     CHECK(bench.status == kExitUsage);
     CHECK(bench.out.empty());

@@ -8,7 +8,9 @@
 #include <exception>
 #include <iostream>
 #include <new>
+#include <regex>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
@@ -31,6 +33,63 @@ std::string one_line(std::string text) {
     text.pop_back();
   }
   return text;
+}
+
+// The arguments CLI11 left unparsed, in command-line order.
+std::vector<std::string> leftovers_in_order(const CLI::App& parsed, int argc,
+                                            char** argv) {
+  std::vector<std::string> leftovers = parsed.remaining();
+  std::vector<std::string> ordered;
+  for (int k = 1; k < argc && !leftovers.empty(); ++k) {
+    const auto found = std::find(leftovers.begin(), leftovers.end(), argv[k]);
+    if (found != leftovers.end()) {
+      ordered.emplace_back(argv[k]);
+      leftovers.erase(found);
+    }
+  }
+  // Leftovers that match no argument verbatim, if CLI11 rewrote any, come
+  // last.
+  ordered.insert(ordered.end(), leftovers.begin(), leftovers.end());
+  return ordered;
+}
+
+// Rewords the CLI11 parse errors that do not quote the argument or read
+// oddly. Other errors pass through as one line.
+std::string usage_message(const CLI::ParseError& error, const CLI::App& parsed,
+                          bool top_level, int argc, char** argv) {
+  const std::string message = one_line(error.what());
+  const std::vector<std::string> leftovers =
+      leftovers_in_order(parsed, argc, argv);
+  std::string quoted;
+  for (const std::string& argument : leftovers) {
+    quoted += (quoted.empty() ? "'" : ", '") + one_line(argument) + "'";
+  }
+  const std::string noun = leftovers.size() == 1 ? "unexpected argument "
+                                                 : "unexpected arguments ";
+  if (dynamic_cast<const CLI::ExtrasError*>(&error) != nullptr &&
+      !leftovers.empty()) {
+    if (top_level && leftovers.front()[0] != '-') {
+      return "unknown command '" + one_line(leftovers.front()) +
+             "': give eval or bench";
+    }
+    return noun + quoted;
+  }
+  // CLI11 checks required options before it reports leftovers, so a
+  // misspelt "--los qr" would read as "--loss is required" alone.
+  if (dynamic_cast<const CLI::RequiredError*>(&error) != nullptr &&
+      !leftovers.empty()) {
+    return noun + quoted + "; " + message;
+  }
+  // CLI11 words a repeated option as "--eps: At Most 1 required but
+  // received 2".
+  static const std::regex repeated(
+      R"(^(\S+): At Most 1 required but received ([0-9]+)$)");
+  std::smatch match;
+  if (std::regex_match(message, match, repeated)) {
+    return match[1].str() + ": given " + match[2].str() +
+           " times; give it once";
+  }
+  return message;
 }
 
 }  // namespace
@@ -97,11 +156,14 @@ int main(int argc, char** argv) {
     // The message names the command being parsed, as the commands' own
     // errors do, and points to its help, which lists its options.
     std::string prefix = "qrloss";
+    const CLI::App* parsed = &app;
     for (const CLI::App* command : app.get_subcommands()) {
       prefix = "qrloss " + command->get_name();
+      parsed = command;
     }
-    std::cerr << prefix << ": " << cli::one_line(error.what()) << " (run '"
-              << prefix << " --help' for usage)" << std::endl;
+    std::cerr << prefix << ": "
+              << cli::usage_message(error, *parsed, parsed == &app, argc, argv)
+              << " (run '" << prefix << " --help' for usage)" << std::endl;
     return cli::kExitUsage;
   } catch (const std::bad_alloc&) {
     std::cerr << "qrloss: internal error: out of memory" << std::endl;
