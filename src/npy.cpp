@@ -15,6 +15,9 @@
 #include <utility>
 #include <vector>
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 // The data is copied byte for byte between memory and the little-endian
 // file, which is only correct on a little-endian host.
 #if defined(__BYTE_ORDER__) && defined(__ORDER_LITTLE_ENDIAN__)
@@ -613,7 +616,14 @@ void write_file(const std::string& path, const void* data, const Shape& shape,
   const int error_number =
       write_contents(std::move(file), header, data, data_size);
   if (error_number == 0 && fs::is_regular_file(status)) {
-    // The replacement keeps the permissions of the file it replaces.
+    // The replacement keeps the owner, group and permissions of the file it
+    // replaces. chown comes first because it may clear the set-user-ID bit.
+    struct stat old_file;
+    if (::stat(target.c_str(), &old_file) == 0 &&
+        ::chown(temp_path.c_str(), old_file.st_uid, old_file.st_gid) != 0) {
+      // Only root may give a file to another user. Without that right the
+      // new file stays the writer's, as a newly created file would.
+    }
     fs::permissions(temp_path, status.permissions(), ec);
   }
   if (error_number != 0) {

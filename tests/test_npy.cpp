@@ -237,6 +237,26 @@ TEST_SUITE("npy") {
     CHECK(names == std::vector<std::string>{"link.npy", "target.npy"});
   }
 
+  TEST_CASE("write keeps a replaced file's owner") {
+    if (::geteuid() != 0) {
+      MESSAGE("skipped: only root may give a file to another user");
+      return;
+    }
+    testing::TempDir dir("qrloss_test_npy_");
+    const std::string path = dir.file("out.npy");
+    const std::vector<float> data = {1.0f, 2.0f};
+    npy::write(path, data.data(), {2});
+    // The ids of Debian's nobody and nogroup. Any ids other than 0 would do.
+    constexpr uid_t kOwner = 65534;
+    constexpr gid_t kGroup = 65534;
+    REQUIRE(::chown(path.c_str(), kOwner, kGroup) == 0);
+    npy::write(path, data.data(), {2});
+    struct stat written;
+    REQUIRE(::stat(path.c_str(), &written) == 0);
+    CHECK(written.st_uid == kOwner);
+    CHECK(written.st_gid == kGroup);
+  }
+
   TEST_CASE("write through a dangling link creates its target") {
     // A link to a file that does not exist yet, through a second link in
     // a subfolder: the chain is followed to the missing file, which is

@@ -100,7 +100,8 @@ Array read(const std::string& path);
 /// The data goes to a new temporary file in the same directory, which is
 /// then renamed over `path`. On failure the temporary file is removed and
 /// any existing file at `path` is left unchanged. A replaced file's
-/// permissions carry over. Where `path` is a symbolic link (or a chain of
+/// permissions carry over, and so do its owner and group where the process
+/// may set them (as root, or for its own files). Where `path` is a symbolic link (or a chain of
 /// them), the file it points to is replaced or created this way and the
 /// links are kept. A device or a named pipe at `path` is written in place,
 /// with no temporary file, since a rename would replace the device file or
