@@ -149,6 +149,40 @@ void throw_tiny_class_total(const char* function, Index c, double total,
       dtype + "; use eps > 0");
 }
 
+void throw_large_class_total(const char* function, Index c, double total,
+                             const char* dtype) {
+  const std::string advice = std::string(dtype) == "float32"
+                                 ? "scale probs down or use float64"
+                                 : "scale probs down";
+  throw invalid_argument(
+      std::string(function) + ": probs too large: class " + std::to_string(c) +
+      " has total probability " + format_double(total) +
+      " over the batch, so 1 / s_c lies below the normal range of " + dtype +
+      " and z = q / s_c would lose digits; " + advice);
+}
+
+void check_class_totals(const char* function, const std::vector<double>& sum_q,
+                        double max_total) {
+  double total = 0.0;
+  for (std::size_t c = 0; c < sum_q.size(); ++c) {
+    if (!std::isfinite(sum_q[c])) {
+      throw invalid_argument(
+          std::string(function) + ": non-finite result: the total of class " +
+          std::to_string(c) +
+          " of probs over the batch overflows float64; scale probs down");
+    }
+    total += sum_q[c];
+  }
+  if (!(total <= max_total)) {
+    const std::string sum =
+        std::isfinite(total) ? format_double(total) : "more than 1.8e308";
+    throw invalid_argument(
+        std::string(function) + ": probs too large: they sum to " + sum +
+        " over the batch, above the " + format_double(max_total) +
+        " up to which the loss stays finite in float64; scale probs down");
+  }
+}
+
 void throw_gradient_overflow(const char* function, const char* dtype,
                              double eps, Index c, double total) {
   std::string reason;

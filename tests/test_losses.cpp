@@ -2014,6 +2014,111 @@ TEST_SUITE("losses") {
     CHECK(std::isfinite(testing::max_abs(grad64)));
   }
 
+  TEST_CASE("qr huge float probs match double") {
+    // Class 0 has probs up to 3e38, near float's largest value. Their
+    // products with log(p + eps) overflowed float before the double sum,
+    // so the loss came out inf and no error was raised.
+    const Shape shape{1, 2, 4, 4};
+    std::vector<float> probs(32);
+    std::vector<float> target(32);
+    for (int i = 0; i < 16; ++i) {
+      probs[i] = 1e38f * static_cast<float>(1 + i % 3);
+      probs[16 + i] = 1.0f;
+      target[i] = 0.01f;
+      target[16 + i] = 0.99f;
+    }
+    std::vector<float> grad(32);
+    const double loss =
+        qrloss::qr_loss_grad(probs.data(), target.data(), grad.data(), shape);
+    const std::vector<double> probs64(probs.begin(), probs.end());
+    const std::vector<double> target64(target.begin(), target.end());
+    std::vector<double> grad64(32);
+    const double loss64 = qrloss::qr_loss_grad(
+        probs64.data(), target64.data(), grad64.data(), shape);
+    CHECK(std::isfinite(loss));
+    CHECK(loss == doctest::Approx(loss64).epsilon(1e-6));
+    CHECK(loss == doctest::Approx(qrloss::qr_loss(probs.data(), target.data(),
+                                                  shape))
+                      .epsilon(1e-12));
+    CHECK(testing::max_error_over_max(grad, grad64) <= 1e-6);
+  }
+
+  TEST_CASE("huge float64 class totals rejected") {
+    // A class total of 2e308 overflows double: QR gave an infinite loss
+    // with a NaN gradient and RQ a loss of 0.
+    const Shape shape{2, 2};
+    const std::vector<double> overflow = {1e308, 1.0, 1e308, 1.0};
+    const std::vector<double> target = {0.5, 0.5, 0.5, 0.5};
+    std::vector<double> grad(4);
+    const std::string message =
+        "non-finite result: the total of class 0 of probs over the batch "
+        "overflows float64; scale probs down";
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::qr_loss_grad(overflow.data(), target.data(), grad.data(),
+                               shape);
+        },
+        "qr_loss_grad: " + message);
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::rq_loss_grad(overflow.data(), target.data(), grad.data(),
+                               shape);
+        },
+        "rq_loss_grad: " + message);
+
+    // QR's log terms stay finite up to a batch total of 1e300.
+    const std::vector<double> large = {1e300, 1.0, 1e300, 1.0};
+    testing::check_invalid_argument(
+        [&] { qrloss::qr_loss(large.data(), target.data(), shape); },
+        "qr_loss: probs too large: they sum to 2e300 over the batch, above "
+        "the 1e300 up to which the loss stays finite in float64; scale "
+        "probs down");
+    const std::vector<double> within = {4e299, 1.0, 4e299, 1.0};
+    const double loss =
+        qrloss::qr_loss_grad(within.data(), target.data(), grad.data(), shape);
+    CHECK(std::isfinite(loss));
+    CHECK(std::isfinite(testing::max_abs(grad)));
+  }
+
+  TEST_CASE_TEMPLATE("rq huge class total rejected", T, float, double) {
+    // Above about 8.5e37 in float (4.5e307 in double) 1 / s_c is subnormal,
+    // and z = q / s_c lost digits: float RQ with class totals of 6.5e40 had
+    // a loss 9e-6 off (relative) and gradient entries 0.04 % off, without
+    // an error.
+    const bool is_float = sizeof(T) == 4;
+    const T big = is_float ? T(1e38) : T(1e308);
+    const Shape shape{2, 2};
+    const std::vector<T> probs = {big, T(1), T(0.5), T(1)};
+    const std::vector<T> target = {T(0.3), T(0.7), T(0.6), T(0.4)};
+    std::vector<T> grad(4);
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::rq_loss_grad(probs.data(), target.data(), grad.data(),
+                               shape);
+        },
+        "rq_loss_grad: probs too large: class 0 has total probability ");
+    testing::check_invalid_argument(
+        [&] { qrloss::rq_loss(probs.data(), target.data(), shape); },
+        std::string("lies below the normal range of ") +
+            (is_float ? "float32 and z = q / s_c would lose digits; scale "
+                        "probs down or use float64"
+                      : "float64 and z = q / s_c would lose digits; scale "
+                        "probs down"));
+
+    // Just inside the normal range the float result matches double.
+    const T inside = is_float ? T(4e37) : T(4e307);
+    const std::vector<T> fits = {inside, T(1), T(0.5), T(1)};
+    const std::vector<double> fits64(fits.begin(), fits.end());
+    const std::vector<double> target64(target.begin(), target.end());
+    std::vector<double> grad64(4);
+    const double loss =
+        qrloss::rq_loss_grad(fits.data(), target.data(), grad.data(), shape);
+    const double loss64 = qrloss::rq_loss_grad(fits64.data(), target64.data(),
+                                               grad64.data(), shape);
+    CHECK(loss == doctest::Approx(loss64).epsilon(1e-6));
+    CHECK(testing::max_error_over_max(grad, grad64) <= 1e-5);
+  }
+
   TEST_CASE_TEMPLATE("qr eps zero zero target", T, float, double) {
     // With eps = 0, q > 0 where p = 0 makes the loss +inf, and dL/dq is +inf
     // at every entry with p = 0. Class 0 has qbar = 0, so its entries with

@@ -26,7 +26,11 @@
 ///   null data, rank other than 2 or 4, a zero or negative extent, an
 ///   element count that overflows, shape mismatch, bad eps or overlapping
 ///   buffers. It is also thrown for non-finite or negative input values,
-///   and then the message names the tensor and the first bad index.
+///   and then the message names the tensor and the first bad index. It is
+///   thrown for probs so large that a result would overflow, too. That
+///   means a class total over the batch beyond float64, a QR batch total
+///   above 1e300, or an RQ class total above about 8.5e37 in float (4.5e307
+///   in double), where 1 / s_c would be subnormal.
 /// Derivations and the pass structure: docs/derivations.md.
 
 #include <cstdint>

@@ -491,17 +491,17 @@ void store_gradient_tile(const Geometry& geometry, const Rows<T>& probs,
 // ---------------------------------------------------------------------------
 
 /// Adds sum_i q[i] log(p[i] + eps) over a row to sum k, where log_p contains
-/// log(p + eps). With eps = 0, 0 * log(0) counts as 0, and the products go
-/// through `scratch` (which may be log_p itself). With eps > 0 the log is
-/// finite anyway.
+/// log(p + eps). The products are formed in double, and with eps = 0,
+/// 0 * log(0) counts as 0. With eps > 0 the log is finite anyway.
 template <typename T>
 void add_cross_terms(ChunkSums& sums, Index k, const T* q, const T* log_p,
-                     T* scratch, Index n, bool eps_zero) {
+                     Index n, bool eps_zero) {
   if (eps_zero) {
-    for (Index i = 0; i < n; ++i) {
-      scratch[i] = q[i] > T(0) ? q[i] * log_p[i] : T(0);
-    }
-    sums.add(k, scratch, n);
+    sums.add_each<T>(k, n, [&](Index i, Flag<T>&) {
+      return q[i] > T(0) ? static_cast<double>(q[i]) *
+                               static_cast<double>(log_p[i])
+                         : 0.0;
+    });
   } else {
     sums.add_products(k, q, log_p, n);
   }
@@ -521,10 +521,12 @@ Flag<T> qr_gradient_row(ChunkSums& sums, const T* q, const T* p, T* g,
   constexpr T kInf = std::numeric_limits<T>::infinity();
   return sums.add_each<T>(0, n, [&](Index i, Flag<T>& bad) {
     const T log_p = g[i];
-    T product = q[i] * log_p;
+    // In double, because in float a q near its largest values times a log
+    // overflows.
+    double product = static_cast<double>(q[i]) * static_cast<double>(log_p);
     T gi = h - inv_pixels * log_p;
     if constexpr (kEpsZero) {
-      product = q[i] > T(0) ? product : T(0);
+      product = q[i] > T(0) ? product : 0.0;
       gi = p[i] > T(0) ? gi : kInf;
     }
     g[i] = gi;
@@ -540,6 +542,10 @@ Flag<T> qr_gradient_row(ChunkSums& sums, const T* q, const T* p, T* g,
     return product;
   });
 }
+
+/// Largest sum of probs over a batch that QR takes. Below it, q log(p + eps)
+/// (|log| <= 745 in double) and qbar log(qbar + eps) cannot overflow.
+inline constexpr double kMaxQrTotal = 1e300;
 
 /// Computes the QR loss of eq. 1 from the class sums S_c and the cross
 /// term sum_n sum_c q log(p + eps).
@@ -633,7 +639,7 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
           scan_row(p, n, ValueRule::kNonNegative, offset, chunk, bad_target);
         }
         log_shifted(p, eps, log_p, n);
-        add_cross_terms(sums, C, q, log_p, log_p, n, eps_zero);
+        add_cross_terms(sums, C, q, log_p, n, eps_zero);
       }
     });
     sums.finish();
@@ -645,6 +651,7 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
   ClassStats stats;
   stats.sum_q.assign(totals.begin(), totals.begin() + C);
   stats.num_pixels = static_cast<double>(geometry.num_pixels());
+  check_class_totals(function, stats.sum_q, kMaxQrTotal);
   if (!want_grad) {
     raise_if_bad(call, "target", target, bad_target);
     const double loss = qr_loss_value(call, stats.sum_q, totals.back());
@@ -784,6 +791,8 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   ClassStats stats;
   stats.sum_q = class_sums.total();
   stats.num_pixels = static_cast<double>(geometry.num_pixels());
+  check_class_totals(function, stats.sum_q,
+                     std::numeric_limits<double>::infinity());
   std::vector<double> inv_s(static_cast<std::size_t>(C));
   std::vector<T> inv_s_t(static_cast<std::size_t>(C));
   std::vector<char> s_clamped(static_cast<std::size_t>(C));
@@ -805,6 +814,10 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
     // With eps > 0, s >= 1e-20 and 1 / s fits in float.
     if (!std::isfinite(static_cast<T>(1.0 / s))) {
       throw_tiny_class_total(function, c, S, dtype);
+    }
+    // A subnormal 1 / s has fewer digits: z = q / s_c would lose them.
+    if (static_cast<T>(1.0 / s) < std::numeric_limits<T>::min()) {
+      throw_large_class_total(function, c, S, dtype);
     }
     s_clamped[static_cast<std::size_t>(c)] = S < call.eps;
     inv_s[static_cast<std::size_t>(c)] = 1.0 / s;

@@ -125,13 +125,12 @@ class ChunkSums {
   void add(Index k, const T* x, Index n) {
     accumulate_lanes(x, n, lanes_ + k * kLanes);
   }
-  /// Adds the products x[i] * y[i], each rounded to T as a separate
-  /// multiplication would, to sum k.
+  /// Adds the products x[i] * y[i], formed in double, to sum k. For float
+  /// they are exact and cannot overflow.
   template <typename T>
   void add_products(Index k, const T* x, const T* y, Index n) {
     add_each<T>(k, n, [&](Index i, Flag<T>&) {
-      const T product = x[i] * y[i];
-      return product;
+      return static_cast<double>(x[i]) * static_cast<double>(y[i]);
     });
   }
   /// add(), which also returns whether every x[i] satisfies the rule: one

@@ -84,6 +84,16 @@ void check_no_overlap(const char* function, const char* output_name,
 [[noreturn]] void throw_tiny_class_total(const char* function, Index c,
                                          double total, const char* dtype);
 
+/// Throws unless every class total S_c is finite (float64 probs near the
+/// largest double can overflow it) and their sum is at most max_total.
+void check_class_totals(const char* function, const std::vector<double>& sum_q,
+                        double max_total);
+
+/// Throws the error for RQ where class c's total probability is so large
+/// that 1 / s_c lies below the normal range of `dtype`.
+[[noreturn]] void throw_large_class_total(const char* function, Index c,
+                                          double total, const char* dtype);
+
 /// Throws the error for an RQ gradient entry that overflows `dtype` while
 /// the loss is finite. c and total name the class of smallest total.
 [[noreturn]] void throw_gradient_overflow(const char* function,
