@@ -511,6 +511,38 @@ TEST_SUITE("cli") {
          {"--loss", "qr", "--probs", probs, "--target", target, "--grad-out",
           ""},
          "--grad-out: expected a file path, got an empty string"},
+        {"empty probs path",
+         {"--loss", "qr", "--probs", "", "--target", target},
+         "--probs: expected a file path, got an empty string"},
+        {"empty logits path",
+         {"--loss", "qr", "--logits", "", "--target", target},
+         "--logits: expected a file path, got an empty string"},
+        {"empty target path",
+         {"--loss", "qr", "--probs", probs, "--target", ""},
+         "--target: expected a file path, got an empty string"},
+        // CLI11 takes "--name=" as "--name" and the next argument as its
+        // value, which would blame that argument.
+        {"empty value after equals",
+         {"--loss", "qr", "--grad-out=", "--probs", probs, "--target",
+          target},
+         "--grad-out: expected a file path, got an empty string"},
+        {"unknown loss quoted",
+         {"--loss=", "--probs", probs, "--target", target},
+         "--loss: expected qr or rq, got ''"},
+        {"threads with a space",
+         {"--loss", "qr", "--probs", probs, "--target", target, "--threads",
+          " 2"},
+         "--threads: expected an integer from 0 to 2147483647, got ' 2'"},
+        {"eps without value",
+         {"--loss", "qr", "--probs", probs, "--target", target, "--grad-out",
+          grad, "--eps"},
+         "--eps: missing value: give --eps X"},
+        // Control characters, line breaks included, are escaped, so the
+        // message stays one line and cannot drive the terminal.
+        {"control characters escaped",
+         {"--loss", "qr", "--probs", dir.file("a\nb\x1b[2J.npy"),
+          "--target", target},
+         "a\\x0ab\\x1b[2J.npy"},
         {"grad-out in missing directory",
          {"--loss", "qr", "--probs", probs, "--target", target, "--grad-out",
           dir.file("no_such_dir/grad.npy")},
@@ -799,6 +831,26 @@ TEST_SUITE("cli") {
     CHECK(misspelt.err.rfind("qrloss eval: unexpected arguments '--los', "
                              "'qr'; --loss is required (run",
                              0) == 0);
+
+    // Options of a command given before it are reported as such.
+    const RunResult early =
+        run_qrloss(dir, {"--threads", "3", "eval", "--loss", "qr"});
+    CHECK(early.status == kExitUsage);
+    CHECK(early.err.rfind("qrloss eval: unexpected arguments '--threads', "
+                          "'3' before the command: options go after 'eval'",
+                          0) == 0);
+    const RunResult after_dashes = run_qrloss(
+        dir, {"bench", "--shape", "1,2,3,4", "--", "extra", "more"});
+    CHECK(after_dashes.err.rfind(
+              "qrloss bench: unexpected arguments 'extra', 'more' (run", 0) ==
+          0);
+
+    // A value outside a list is quoted.
+    const RunResult dtype = run_qrloss(dir, {"bench", "--dtype", "float16"});
+    CHECK(dtype.status == kExitUsage);
+    CHECK(dtype.err.rfind("qrloss bench: --dtype: expected float32 or "
+                          "float64, got 'float16' (run",
+                          0) == 0);
 
     // An option given twice names the option and the count.
     const RunResult twice =

@@ -147,7 +147,7 @@ void add_bench_command(CLI::App& app) {
   bench
       ->add_option("--loss", settings->loss,
                    "Loss to time: qr (QR loss) or rq (RQ loss)")
-      ->check(CLI::IsMember({"qr", "rq"}))
+      ->check(one_of({"qr", "rq"}))
       ->capture_default_str();
   bench->add_flag("--from-logits", settings->from_logits,
                   "Time the logits entry points (softmax over C included) "
@@ -169,7 +169,7 @@ void add_bench_command(CLI::App& app) {
       ->add_option("--dtype", settings->dtype,
                    "Element type of the synthetic inputs: float32 or "
                    "float64")
-      ->check(CLI::IsMember({"float32", "float64"}))
+      ->check(one_of({"float32", "float64"}))
       ->capture_default_str();
   bench
       ->add_option("--threads", settings->threads,

@@ -3,6 +3,7 @@
 // share.
 
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
@@ -25,6 +26,13 @@ void add_bench_command(CLI::App& app);
 /// Returns a validator that accepts a decimal integer from `minimum` to
 /// INT_MAX; CLI11's number validators print their double limits in full.
 CLI::Validator int_at_least(int minimum);
+
+/// Returns a validator that accepts one of `choices` and quotes any other
+/// value in its message.
+CLI::Validator one_of(const std::vector<std::string>& choices);
+
+/// Returns a validator that rejects an empty file path.
+CLI::Validator file_path();
 
 /// Prints `qrloss <command>: <message>` as one line on stderr and throws
 /// CLI::RuntimeError(exit_status), which main() turns into the exit status

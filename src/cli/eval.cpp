@@ -309,7 +309,7 @@ void add_eval_command(CLI::App& app) {
   eval->add_option("--loss", settings->loss,
                    "Loss to compute: qr (QR loss) or rq (RQ loss)")
       ->required()
-      ->check(CLI::IsMember({"qr", "rq"}));
+      ->check(one_of({"qr", "rq"}));
 
   CLI::Option* probs = eval->add_option(
       "--probs", settings->probs_path,
@@ -318,14 +318,15 @@ void add_eval_command(CLI::App& app) {
       "--logits", settings->logits_path,
       "Logits x as .npy; the loss is taken of q = softmax(x) over the class "
       "axis C and the gradient is dL/dx");
-  probs->type_name("FILE")->excludes(logits);
-  logits->type_name("FILE")->excludes(probs);
+  probs->type_name("FILE")->excludes(logits)->check(file_path());
+  logits->type_name("FILE")->excludes(probs)->check(file_path());
 
   eval->add_option("--target", settings->target_path,
                    "Per-pixel prior p as .npy, values >= 0, same dtype and "
                    "shape as the input; rows need not sum to 1")
       ->required()
-      ->type_name("FILE");
+      ->type_name("FILE")
+      ->check(file_path());
 
   eval->add_option("--eps", settings->eps,
                    "Constant added inside every log; 0 or a number in [1e-20, 1e20]. "
@@ -342,14 +343,7 @@ void add_eval_command(CLI::App& app) {
                    "and renamed, so it is complete or absent; a link is "
                    "followed, and a device or named pipe is written in place")
       ->type_name("FILE")
-      ->check(CLI::Validator(
-          [](std::string& text) {
-            return text.empty() ? std::string(
-                                      "expected a file path, got an empty "
-                                      "string")
-                                : std::string();
-          },
-          ""));
+      ->check(file_path());
 
   eval->add_option("--threads", settings->threads,
                    "OpenMP threads; 0 uses the OpenMP default "

@@ -3,13 +3,16 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cctype>
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <iostream>
 #include <new>
 #include <regex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <CLI/CLI.hpp>
@@ -25,71 +28,144 @@ namespace qrloss::cli {
 
 namespace {
 
-// Replaces line breaks so that every error is one line on stderr.
-std::string one_line(std::string text) {
-  std::replace(text.begin(), text.end(), '\n', ' ');
-  std::replace(text.begin(), text.end(), '\r', ' ');
-  while (!text.empty() && text.back() == ' ') {
-    text.pop_back();
+// Escapes control characters, line breaks included, as \xNN, so that every
+// error is one line on stderr and cannot drive the terminal.
+std::string one_line(const std::string& text) {
+  std::string line;
+  for (const char character : text) {
+    const auto byte = static_cast<unsigned char>(character);
+    if (byte < 0x20 || byte == 0x7f) {
+      char escaped[8];
+      std::snprintf(escaped, sizeof escaped, "\\x%02x", byte);
+      line += escaped;
+    } else {
+      line += character;
+    }
   }
-  return text;
+  return line;
 }
 
-// The arguments CLI11 left unparsed, in command-line order.
-std::vector<std::string> leftovers_in_order(const CLI::App& parsed, int argc,
-                                            char** argv) {
-  std::vector<std::string> leftovers = parsed.remaining();
-  std::vector<std::string> ordered;
-  for (int k = 1; k < argc && !leftovers.empty(); ++k) {
-    const auto found = std::find(leftovers.begin(), leftovers.end(), argv[k]);
+// Quotes each argument and joins them with commas.
+std::string quote_all(const std::vector<std::string>& arguments) {
+  std::string list;
+  for (const std::string& argument : arguments) {
+    list += (list.empty() ? "'" : ", '") + one_line(argument) + "'";
+  }
+  return list;
+}
+
+// An argument that CLI11 left unparsed, and its position on the command
+// line.
+using Leftover = std::pair<std::size_t, std::string>;
+
+// Finds the positions of the leftovers in `arguments`. A leftover that CLI11
+// rewrote, so that it matches no argument verbatim, gets the position past
+// the end.
+std::vector<Leftover> locate(std::vector<std::string> leftovers,
+                             const std::vector<std::string>& arguments) {
+  std::vector<Leftover> located;
+  for (std::size_t k = 0; k < arguments.size() && !leftovers.empty(); ++k) {
+    const auto found =
+        std::find(leftovers.begin(), leftovers.end(), arguments[k]);
     if (found != leftovers.end()) {
-      ordered.emplace_back(argv[k]);
+      located.emplace_back(k, arguments[k]);
       leftovers.erase(found);
     }
   }
-  // Leftovers that match no argument verbatim, if CLI11 rewrote any, come
-  // last.
-  ordered.insert(ordered.end(), leftovers.begin(), leftovers.end());
-  return ordered;
+  for (const std::string& rest : leftovers) {
+    located.emplace_back(arguments.size(), rest);
+  }
+  return located;
+}
+
+// Names one or more unexpected arguments.
+std::string unexpected(const std::vector<std::string>& arguments) {
+  return (arguments.size() == 1 ? "unexpected argument "
+                                : "unexpected arguments ") +
+         quote_all(arguments);
 }
 
 // Rewords the CLI11 parse errors that do not quote the argument or read
-// oddly. Other errors pass through as one line.
-std::string usage_message(const CLI::ParseError& error, const CLI::App& parsed,
-                          bool top_level, int argc, char** argv) {
+// oddly. Other errors pass through as one line. `command` is the parsed
+// command, or null when parsing stopped before one.
+std::string usage_message(const CLI::ParseError& error, const CLI::App& app,
+                          const CLI::App* command,
+                          const std::vector<std::string>& arguments) {
   const std::string message = one_line(error.what());
-  const std::vector<std::string> leftovers =
-      leftovers_in_order(parsed, argc, argv);
-  std::string quoted;
-  for (const std::string& argument : leftovers) {
-    quoted += (quoted.empty() ? "'" : ", '") + one_line(argument) + "'";
+  const bool extras = dynamic_cast<const CLI::ExtrasError*>(&error) != nullptr;
+  const bool required =
+      dynamic_cast<const CLI::RequiredError*>(&error) != nullptr;
+  // Words after "--" also stay with the top level, so leftovers count as
+  // before the command by their position.
+  std::vector<Leftover> located = locate(app.remaining(), arguments);
+  std::size_t command_at = 0;
+  if (command != nullptr) {
+    command_at = static_cast<std::size_t>(
+        std::find(arguments.begin(), arguments.end(), command->get_name()) -
+        arguments.begin());
+    const std::vector<Leftover> inside = locate(command->remaining(), arguments);
+    located.insert(located.end(), inside.begin(), inside.end());
+    std::stable_sort(located.begin(), located.end(),
+                     [](const Leftover& x, const Leftover& y) {
+                       return x.first < y.first;
+                     });
   }
-  const std::string noun = leftovers.size() == 1 ? "unexpected argument "
-                                                 : "unexpected arguments ";
-  if (dynamic_cast<const CLI::ExtrasError*>(&error) != nullptr &&
-      !leftovers.empty()) {
-    if (top_level && leftovers.front()[0] != '-') {
+  std::vector<std::string> before;
+  std::vector<std::string> leftovers;
+  for (const Leftover& leftover : located) {
+    if (leftover.first < command_at) before.push_back(leftover.second);
+    leftovers.push_back(leftover.second);
+  }
+
+  if ((extras || required) && !before.empty()) {
+    return unexpected(before) + " before the command: options go after '" +
+           command->get_name() + "'";
+  }
+  if (extras && !leftovers.empty()) {
+    if (command == nullptr && leftovers.front()[0] != '-') {
       return "unknown command '" + one_line(leftovers.front()) +
              "': give eval or bench";
     }
-    return noun + quoted;
+    return unexpected(leftovers);
   }
   // CLI11 checks required options before it reports leftovers, so a
   // misspelt "--los qr" would read as "--loss is required" alone.
-  if (dynamic_cast<const CLI::RequiredError*>(&error) != nullptr &&
-      !leftovers.empty()) {
-    return noun + quoted + "; " + message;
+  if (required && !leftovers.empty()) {
+    return unexpected(leftovers) + "; " + message;
   }
   // CLI11 words a repeated option as "--eps: At Most 1 required but
-  // received 2".
+  // received 2", and a missing value as "--eps: 1 required X missing".
   static const std::regex repeated(
       R"(^(\S+): At Most 1 required but received ([0-9]+)$)");
+  static const std::regex no_value(R"(^(\S+): 1 required (\S+) missing$)");
   std::smatch match;
   if (std::regex_match(message, match, repeated)) {
     return match[1].str() + ": given " + match[2].str() +
            " times; give it once";
   }
+  if (std::regex_match(message, match, no_value)) {
+    return match[1].str() + ": missing value: give " + match[1].str() + " " +
+           match[2].str();
+  }
   return message;
+}
+
+// Splits "--name=" into "--name" and an empty value. CLI11 would take the
+// next argument as the value, and blame that argument.
+std::vector<std::string> split_empty_values(int argc, char** argv) {
+  std::vector<std::string> arguments;
+  for (int k = 1; k < argc; ++k) {
+    const std::string argument = argv[k];
+    const std::size_t equals = argument.find('=');
+    if (argument.rfind("--", 0) == 0 && equals > 2 &&
+        equals == argument.size() - 1) {
+      arguments.push_back(argument.substr(0, equals));
+      arguments.emplace_back();
+    } else {
+      arguments.push_back(argument);
+    }
+  }
+  return arguments;
 }
 
 }  // namespace
@@ -102,14 +178,48 @@ CLI::Validator int_at_least(int minimum) {
         const char* begin = text.c_str();
         char* end = nullptr;
         errno = 0;
+        // strtol would skip leading white space, which --eps rejects.
         const long value = std::strtol(begin, &end, 10);
         if (end == begin || *end != '\0' || errno == ERANGE ||
+            std::isspace(static_cast<unsigned char>(text[0])) != 0 ||
             value < minimum || value > INT_MAX) {
           return "expected an integer from " + std::to_string(minimum) +
-                 " to " + std::to_string(INT_MAX) +
-                 ", got '" + text + "'";
+                 " to " + std::to_string(INT_MAX) + ", got '" +
+                 one_line(text) + "'";
         }
         return {};
+      },
+      "");
+}
+
+CLI::Validator one_of(const std::vector<std::string>& choices) {
+  std::string listed;
+  std::string braced;
+  for (std::size_t k = 0; k < choices.size(); ++k) {
+    if (k + 1 == choices.size() && k > 0) {
+      listed += " or ";
+    } else if (k > 0) {
+      listed += ", ";
+    }
+    listed += choices[k];
+    braced += (k == 0 ? "{" : ",") + choices[k];
+  }
+  braced += "}";
+  return CLI::Validator(
+      [choices, listed](std::string& text) -> std::string {
+        if (std::find(choices.begin(), choices.end(), text) != choices.end()) {
+          return {};
+        }
+        return "expected " + listed + ", got '" + one_line(text) + "'";
+      },
+      braced);
+}
+
+CLI::Validator file_path() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        return text.empty() ? "expected a file path, got an empty string"
+                            : "";
       },
       "");
 }
@@ -144,8 +254,12 @@ int main(int argc, char** argv) {
   cli::add_eval_command(app);
   cli::add_bench_command(app);
 
+  const std::vector<std::string> arguments =
+      cli::split_empty_values(argc, argv);
   try {
-    app.parse(argc, argv);
+    // CLI11 takes the arguments in reverse order.
+    std::vector<std::string> reversed(arguments.rbegin(), arguments.rend());
+    app.parse(reversed);
   } catch (const CLI::RuntimeError& error) {
     // A subcommand has already printed its message.
     return error.get_exit_code();
@@ -156,13 +270,13 @@ int main(int argc, char** argv) {
     // The message names the command being parsed, as the commands' own
     // errors do, and points to its help, which lists its options.
     std::string prefix = "qrloss";
-    const CLI::App* parsed = &app;
-    for (const CLI::App* command : app.get_subcommands()) {
-      prefix = "qrloss " + command->get_name();
-      parsed = command;
+    const CLI::App* command = nullptr;
+    for (const CLI::App* parsed : app.get_subcommands()) {
+      prefix = "qrloss " + parsed->get_name();
+      command = parsed;
     }
     std::cerr << prefix << ": "
-              << cli::usage_message(error, *parsed, parsed == &app, argc, argv)
+              << cli::usage_message(error, app, command, arguments)
               << " (run '" << prefix << " --help' for usage)" << std::endl;
     return cli::kExitUsage;
   } catch (const std::bad_alloc&) {
