@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -609,6 +610,13 @@ void write_file(const std::string& path, const void* data, const Shape& shape,
       throw_io("npy::write", "cannot write " + path, "", error_number);
     }
     return;
+  }
+
+  // The rename needs only a writable directory. A file the process may
+  // not write is kept, as a plain write would keep it.
+  if (fs::is_regular_file(status) &&
+      ::faccessat(AT_FDCWD, target.c_str(), W_OK, AT_EACCESS) != 0) {
+    throw_io("npy::write", "cannot write " + path, "", errno);
   }
 
   std::string temp_path;

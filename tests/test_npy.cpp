@@ -16,6 +16,7 @@
 #include <doctest/doctest.h>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "test_support.hpp"
@@ -255,6 +256,47 @@ TEST_SUITE("npy") {
     REQUIRE(::stat(path.c_str(), &written) == 0);
     CHECK(written.st_uid == kOwner);
     CHECK(written.st_gid == kGroup);
+  }
+
+  TEST_CASE("write keeps a read-only file") {
+    // Renaming over the file needs only a writable directory, so a user
+    // could replace a file it may not write. As root the check runs in a
+    // child process that switches to the user nobody.
+    testing::TempDir dir("qrloss_test_npy_");
+    fs::permissions(dir.path(), fs::perms::all);
+    const std::string path = dir.file("out.npy");
+    const std::vector<float> first = {1.0f, 2.0f};
+    const std::vector<float> second = {3.0f, 4.0f};
+    npy::write(path, first.data(), {2});
+    fs::permissions(path, fs::perms::owner_read | fs::perms::group_read |
+                              fs::perms::others_read);
+
+    const auto rejected = [&] {
+      try {
+        npy::write(path, second.data(), {2});
+      } catch (const npy::io_error& error) {
+        return std::string(error.what()).find("Permission denied") !=
+               std::string::npos;
+      }
+      return false;
+    };
+
+    if (::geteuid() == 0) {
+      const pid_t child = ::fork();
+      REQUIRE(child >= 0);
+      if (child == 0) {
+        const bool dropped = ::setgid(65534) == 0 && ::setuid(65534) == 0;
+        ::_exit(dropped && rejected() ? 0 : 1);
+      }
+      int status = 0;
+      REQUIRE(::waitpid(child, &status, 0) == child);
+      CHECK(WIFEXITED(status));
+      CHECK(WEXITSTATUS(status) == 0);
+    } else {
+      CHECK(rejected());
+    }
+
+    CHECK(npy::read(path).f32 == first);
   }
 
   TEST_CASE("write through a dangling link creates its target") {

@@ -101,7 +101,9 @@ Array read(const std::string& path);
 /// then renamed over `path`. On failure the temporary file is removed and
 /// any existing file at `path` is left unchanged. A replaced file's
 /// permissions carry over, and so do its owner and group where the process
-/// may set them (as root, or for its own files). Where `path` is a symbolic link (or a chain of
+/// may set them (as root, or for its own files). A file that the process
+/// may not write is not replaced, and other hard links to a replaced file
+/// keep the old contents. Where `path` is a symbolic link (or a chain of
 /// them), the file it points to is replaced or created this way and the
 /// links are kept. A device or a named pipe at `path` is written in place,
 /// with no temporary file, since a rename would replace the device file or
@@ -112,8 +114,9 @@ Array read(const std::string& path);
 /// @throws qrloss::invalid_argument on a negative extent, rank above
 ///   kMaxRank, a byte count that overflows, or null data with a non-zero
 ///   element count.
-/// @throws io_error if the temporary file cannot be created, written or
-///   renamed, or a device or pipe at `path` cannot be opened or written.
+/// @throws io_error if an existing file at `path` is not writable, the
+///   temporary file cannot be created, written or renamed, or a device or
+///   pipe at `path` cannot be opened or written.
 void write(const std::string& path, const float* data,
            const qrloss::Shape& shape);
 
