@@ -161,6 +161,14 @@ void throw_large_class_total(const char* function, Index c, double total,
       " and z = q / s_c would lose digits; " + advice);
 }
 
+void throw_pixel_sum_overflow(const char* function, const char* dtype) {
+  throw invalid_argument(
+      std::string(function) +
+      ": target too large: at some pixel the sum over classes of "
+      "q p / s_c overflows " +
+      dtype + ", which would make r = 0; rescale the target");
+}
+
 void check_class_totals(const char* function, const std::vector<double>& sum_q,
                         double max_total) {
   double total = 0.0;

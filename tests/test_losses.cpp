@@ -2119,6 +2119,32 @@ TEST_SUITE("losses") {
     CHECK(testing::max_error_over_max(grad, grad64) <= 1e-5);
   }
 
+  TEST_CASE_TEMPLATE("rq huge target pixel sum rejected", T, float, double) {
+    // At pixel 0, z = q / s_c is near 1 for both classes, so the pixel sum
+    // of z p exceeds T's range. r = u / t then came out 0, and float RQ
+    // without a gradient returned 1e-28 instead of 0.028.
+    const bool is_float = sizeof(T) == 4;
+    const T big = is_float ? T(3.4e38) : T(1.7e308);
+    const Shape shape{2, 2};
+    const std::vector<T> probs = {T(0.5), T(0.5), T(1e-30), T(1e-30)};
+    const std::vector<T> target = {big, big / 2, T(0.5), T(0.5)};
+    const std::string message =
+        std::string(": target too large: at some pixel the sum over classes "
+                    "of q p / s_c overflows ") +
+        (is_float ? "float32" : "float64") +
+        ", which would make r = 0; rescale the target";
+    testing::check_invalid_argument(
+        [&] { qrloss::rq_loss(probs.data(), target.data(), shape); },
+        "rq_loss" + message);
+    std::vector<T> grad(4);
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::rq_loss_grad(probs.data(), target.data(), grad.data(),
+                               shape);
+        },
+        "rq_loss_grad" + message);
+  }
+
   TEST_CASE_TEMPLATE("qr eps zero zero target", T, float, double) {
     // With eps = 0, q > 0 where p = 0 makes the loss +inf, and dL/dq is +inf
     // at every entry with p = 0. Class 0 has qbar = 0, so its entries with

@@ -30,7 +30,8 @@
 ///   thrown for probs so large that a result would overflow, too. That
 ///   means a class total over the batch beyond float64, a QR batch total
 ///   above 1e300, or an RQ class total above about 8.5e37 in float (4.5e307
-///   in double), where 1 / s_c would be subnormal.
+///   in double), where 1 / s_c would be subnormal. RQ also throws for a
+///   target so large that a pixel's sum of q p / s_c overflows T.
 /// Derivations and the pass structure: docs/derivations.md.
 
 #include <cstdint>

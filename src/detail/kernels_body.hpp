@@ -832,6 +832,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   // threads writing a std::vector<bool> would share words.
   std::vector<unsigned char> overflowed(
       static_cast<std::size_t>(call.plan.num_chunks), 0);
+  std::vector<unsigned char> sum_overflowed(overflowed.size(), 0);
   const T inv_pixels = static_cast<T>(call.inv_pixels);
   run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
     Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
@@ -880,13 +881,17 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
       for (Index i = 0; i < n; ++i) {
         abar[i] = pixel_sum[i] < kPixelSumFloor ? kPixelSumFloor : pixel_sum[i];
       }
-      QRLOSS_SIMD_LOOP
+      // A pixel sum beyond T's range would make r = u / t zero.
+      Flag<T> bad = 0;
+      QRLOSS_SIMD_LOOP_FLAGS
       for (Index i = 0; i < n; ++i) {
         clamped_sum[i] = static_cast<T>(abar[i]);
         inv_t[i] = static_cast<T>(1.0 / abar[i]);
         abar[i] = 0.0;
         loss_sum[i] = 0.0;
+        bad |= invalid_flag(clamped_sum[i], ValueRule::kFinite);
       }
+      if (bad != 0) sum_overflowed[static_cast<std::size_t>(chunk)] = 1;
 
       // r, the loss terms and abar = sum_c a_c r_c.
       for (Index c = 0; c < C; ++c) {
@@ -1012,6 +1017,10 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
     finish_streaming_stores();
   });
   raise_if_bad(call, "target", target, bad_target);
+  if (std::find(sum_overflowed.begin(), sum_overflowed.end(), 1) !=
+      sum_overflowed.end()) {
+    throw_pixel_sum_overflow(function, dtype);
+  }
 
   const std::vector<double> totals = partial.total();
   const double loss = call.inv_pixels * totals[0];

@@ -94,6 +94,11 @@ void check_class_totals(const char* function, const std::vector<double>& sum_q,
 [[noreturn]] void throw_large_class_total(const char* function, Index c,
                                           double total, const char* dtype);
 
+/// Throws the error for RQ where a pixel's sum over classes of q p / s_c
+/// overflows `dtype`.
+[[noreturn]] void throw_pixel_sum_overflow(const char* function,
+                                           const char* dtype);
+
 /// Throws the error for an RQ gradient entry that overflows `dtype` while
 /// the loss is finite. c and total name the class of smallest total.
 [[noreturn]] void throw_gradient_overflow(const char* function,
