@@ -28,8 +28,11 @@ void softmax(const T* logits, T* probs, const Shape& shape,
 /// overlap probs or overlap dL_dq partially. Cost O(B*C*H*W).
 /// @throws qrloss::invalid_argument on a bad shape, null or overlapping
 ///   buffers, negative or non-finite probs, or non-finite dL_dq (naming
-///   the first bad index, in probs before dL_dq). dL_dq is left unchanged,
-///   also in place; dL_dx is unspecified after an exception.
+///   the first bad index, in probs before dL_dq). dL_dq is then left
+///   unchanged, also in place. It is also thrown when an entry of dL_dx
+///   overflows T, which needs |dL_dq| near T's largest value. dL_dx is
+///   unspecified after an exception (in place, dL_dq is too after an
+///   overflow).
 template <typename T>
 void softmax_vjp(const T* probs, const T* dL_dq, T* dL_dx, const Shape& shape,
                  int num_threads = 0);

@@ -1202,6 +1202,9 @@ void softmax_vjp_impl(const char* function, const T* probs, const T* dL_dq,
   const ChunkPlan plan = plan_chunks(geometry.num_pixels());
   BadIndexLog bad_probs(plan.num_chunks);
   BadIndexLog bad_grad(plan.num_chunks);
+  // Chunks with an entry of dL_dx that is not finite, one byte each.
+  std::vector<unsigned char> overflowed(
+      static_cast<std::size_t>(plan.num_chunks), 0);
   for_each_pixel_tile<T>(
       geometry, plan, threads, WorkspaceNeeds{},
       [&](Index chunk, Index b, Index p0, Index n, Index,
@@ -1211,12 +1214,13 @@ void softmax_vjp_impl(const char* function, const T* probs, const T* dL_dq,
             probs + offset, geometry.P, dL_dq + offset, geometry.P,
             dL_dx + offset, geometry.P, geometry.C, n, space.sum.data(),
             space.pixel.data());
-        if (bad != 0) {
+        if ((bad & 1) != 0) {
           log_tile_rows(geometry, probs, b, p0, n, ValueRule::kNonNegative,
                         chunk, bad_probs);
           log_tile_rows(geometry, dL_dq, b, p0, n, ValueRule::kFinite, chunk,
                         bad_grad);
         }
+        if ((bad & 2) != 0) overflowed[static_cast<std::size_t>(chunk)] = 1;
       });
   // probs is reported first, as a scan of probs before dL_dq would.
   const Index first_bad_probs = bad_probs.first();
@@ -1228,6 +1232,12 @@ void softmax_vjp_impl(const char* function, const T* probs, const T* dL_dq,
   if (first_bad_grad >= 0) {
     throw_bad_value(function, "dL_dq", dL_dq, first_bad_grad, geometry,
                     shape);
+  }
+  if (std::find(overflowed.begin(), overflowed.end(), 1) != overflowed.end()) {
+    throw invalid_argument(
+        std::string(function) + ": non-finite result: dL_dx overflows " +
+        (sizeof(T) == 4 ? "float32" : "float64") +
+        " although probs and dL_dq are finite; rescale dL_dq");
   }
 }
 

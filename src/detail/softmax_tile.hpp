@@ -90,27 +90,46 @@ void softmax_vjp_apply(const T* q, Index q_stride, const T* g, Index g_stride,
 /// written.
 /// `dot` (double) and `pixel` (T) are scratch of at least n entries.
 /// With kCheck, the loop that first reads q and g also checks them, and the
-/// result is nonzero when some q is negative or not finite or some g is not
-/// finite. Without kCheck the result is 0.
+/// result has bit 0 set when some q is negative or not finite or some g is
+/// not finite, and bit 1 when some dx is not finite (g - dot can overflow
+/// for |g| near T's largest value). Without kCheck the result is 0.
 template <bool kCheck = false, typename T>
 Flag<T> softmax_vjp_tile(const T* q, Index q_stride, const T* g,
                          Index g_stride, T* out, Index out_stride, Index C,
                          Index n, double* dot, T* pixel) {
-  Flag<T> bad = 0;
   if constexpr (kCheck) {
+    Flag<T> bad_input = 0;
     std::fill(dot, dot + n, 0.0);
     for (Index c = 0; c < C; ++c) {
       const T* qr = q + c * q_stride;
       const T* gr = g + c * g_stride;
+      Flag<T> bad = 0;
       QRLOSS_SIMD_LOOP_FLAGS
       for (Index i = 0; i < n; ++i) {
         dot[i] += static_cast<double>(gr[i]) * static_cast<double>(qr[i]);
         bad |= invalid_flag(qr[i], ValueRule::kNonNegative) |
                invalid_flag(gr[i], ValueRule::kFinite);
       }
+      bad_input |= bad;
     }
-    softmax_vjp_apply(q, q_stride, g, g_stride, out, out_stride, C, n, dot,
-                      pixel);
+    QRLOSS_SIMD_LOOP
+    for (Index i = 0; i < n; ++i) pixel[i] = static_cast<T>(dot[i]);
+    // softmax_vjp_scale, with a check of each dx.
+    Flag<T> bad_output = 0;
+    for (Index c = 0; c < C; ++c) {
+      const T* qr = q + c * q_stride;
+      const T* gr = g + c * g_stride;
+      T* dst = out + c * out_stride;
+      Flag<T> bad = 0;
+      QRLOSS_SIMD_LOOP_FLAGS
+      for (Index i = 0; i < n; ++i) {
+        const T dx = qr[i] * (gr[i] - pixel[i]);
+        dst[i] = dx;
+        bad |= invalid_flag(dx, ValueRule::kFinite);
+      }
+      bad_output |= bad;
+    }
+    return (bad_input != 0 ? 1 : 0) | (bad_output != 0 ? 2 : 0);
   } else {
     sum_over_classes(
         C, n,
@@ -120,8 +139,8 @@ Flag<T> softmax_vjp_tile(const T* q, Index q_stride, const T* g,
         },
         [&](Index i, double total) { pixel[i] = static_cast<T>(total); });
     softmax_vjp_scale(q, q_stride, g, g_stride, out, out_stride, C, n, pixel);
+    return 0;
   }
-  return bad;
 }
 
 }  // namespace qrloss::detail::QRLOSS_ISA
