@@ -186,8 +186,10 @@ void check_class_totals(const char* function, const std::vector<double>& sum_q,
         std::isfinite(total) ? format_double(total) : "more than 1.8e308";
     throw invalid_argument(
         std::string(function) + ": probs too large: they sum to " + sum +
-        " over the batch, above the " + format_double(max_total) +
-        " up to which the loss stays finite in float64; scale probs down");
+        " over the batch, above the largest total accepted, " +
+        format_double(max_total) +
+        ", below which no term of the loss can overflow float64; scale "
+        "probs down");
   }
 }
 

@@ -543,6 +543,12 @@ TEST_SUITE("cli") {
          {"--loss", "qr", "--probs", dir.file("a\nb\x1b[2J.npy"),
           "--target", target},
          "a\\x0ab\\x1b[2J.npy"},
+        // So are bytes that are not UTF-8 and the C1 control U+009B, while
+        // a well-formed character such as U+00E9 passes through.
+        {"bytes outside UTF-8 escaped",
+         {"--loss", "qr", "--probs", dir.file("c\xff\xc2\x9b\xc3\xa9.npy"),
+          "--target", target},
+         "c\\xff\\xc2\\x9b\xc3\xa9.npy"},
         {"grad-out in missing directory",
          {"--loss", "qr", "--probs", probs, "--target", target, "--grad-out",
           dir.file("no_such_dir/grad.npy")},

@@ -2071,8 +2071,8 @@ TEST_SUITE("losses") {
     testing::check_invalid_argument(
         [&] { qrloss::qr_loss(large.data(), target.data(), shape); },
         "qr_loss: probs too large: they sum to 2e300 over the batch, above "
-        "the 1e300 up to which the loss stays finite in float64; scale "
-        "probs down");
+        "the largest total accepted, 1e300, below which no term of the loss "
+        "can overflow float64; scale probs down");
     const std::vector<double> within = {4e299, 1.0, 4e299, 1.0};
     const double loss =
         qrloss::qr_loss_grad(within.data(), target.data(), grad.data(), shape);

@@ -28,18 +28,58 @@ namespace qrloss::cli {
 
 namespace {
 
-// Escapes control characters, line breaks included, as \xNN, so that every
-// error is one line on stderr and cannot drive the terminal.
+// Returns the length of the well-formed UTF-8 sequence that starts at
+// text[k] and encodes a character other than a C1 control, or 0.
+std::size_t utf8_length(const std::string& text, std::size_t k) {
+  const auto at = [&](std::size_t j) {
+    return static_cast<unsigned char>(text[j]);
+  };
+  const unsigned char lead = at(k);
+  // Bounds of the second byte rule out overlong forms, surrogates and
+  // code points above U+10FFFF.
+  unsigned char low = 0x80;
+  unsigned char high = 0xbf;
+  std::size_t length = 0;
+  if (lead >= 0xc2 && lead <= 0xdf) {
+    length = 2;
+    if (lead == 0xc2) low = 0xa0;  // U+0080 to U+009F are C1 controls
+  } else if (lead >= 0xe0 && lead <= 0xef) {
+    length = 3;
+    if (lead == 0xe0) low = 0xa0;
+    if (lead == 0xed) high = 0x9f;
+  } else if (lead >= 0xf0 && lead <= 0xf4) {
+    length = 4;
+    if (lead == 0xf0) low = 0x90;
+    if (lead == 0xf4) high = 0x8f;
+  } else {
+    return 0;
+  }
+  if (k + length > text.size() || at(k + 1) < low || at(k + 1) > high) {
+    return 0;
+  }
+  for (std::size_t j = 2; j < length; ++j) {
+    if (at(k + j) < 0x80 || at(k + j) > 0xbf) return 0;
+  }
+  return length;
+}
+
+// Escapes control characters (line breaks and C1 controls included) and
+// bytes that are not well-formed UTF-8 as \xNN, so that every error is one
+// line on stderr and cannot drive the terminal.
 std::string one_line(const std::string& text) {
   std::string line;
-  for (const char character : text) {
-    const auto byte = static_cast<unsigned char>(character);
-    if (byte < 0x20 || byte == 0x7f) {
+  std::size_t k = 0;
+  while (k < text.size()) {
+    const auto byte = static_cast<unsigned char>(text[k]);
+    const std::size_t length = byte < 0x80 ? 1 : utf8_length(text, k);
+    if (byte < 0x20 || byte == 0x7f || length == 0) {
       char escaped[8];
       std::snprintf(escaped, sizeof escaped, "\\x%02x", byte);
       line += escaped;
+      ++k;
     } else {
-      line += character;
+      line.append(text, k, length);
+      k += length;
     }
   }
   return line;
