@@ -56,32 +56,47 @@ Flag<T> softmax_tile(const T* x, Index x_stride, Index C, Index n, T* q,
 /// sum_k g_k q_k of each pixel: the second half of softmax_vjp_tile, whose
 /// row layout it shares. With kZeroAtZeroProb, dx_c is 0 where q_c = 0 even
 /// when g_c is infinite, for a caller whose dot products also skip those
-/// entries.
-template <bool kZeroAtZeroProb = false, typename T>
-void softmax_vjp_scale(const T* q, Index q_stride, const T* g, Index g_stride,
-                       T* out, Index out_stride, Index C, Index n,
-                       const T* dot) {
+/// entries. With kCheckOutput the result is nonzero when some dx is not
+/// finite (g - dot can overflow for |g| near T's largest value); without
+/// it the result is 0.
+template <bool kZeroAtZeroProb = false, bool kCheckOutput = false, typename T>
+Flag<T> softmax_vjp_scale(const T* q, Index q_stride, const T* g,
+                          Index g_stride, T* out, Index out_stride, Index C,
+                          Index n, const T* dot) {
+  Flag<T> bad_output = 0;
   for (Index c = 0; c < C; ++c) {
     const T* qr = q + c * q_stride;
     const T* gr = g + c * g_stride;
     T* dst = out + c * out_stride;
-    for (Index i = 0; i < n; ++i) {
-      const T dx = qr[i] * (gr[i] - dot[i]);
-      dst[i] = kZeroAtZeroProb && !(qr[i] > T(0)) ? T(0) : dx;
+    if constexpr (kCheckOutput) {
+      Flag<T> bad = 0;
+      QRLOSS_SIMD_LOOP_FLAGS
+      for (Index i = 0; i < n; ++i) {
+        const T dx = qr[i] * (gr[i] - dot[i]);
+        dst[i] = kZeroAtZeroProb && !(qr[i] > T(0)) ? T(0) : dx;
+        bad |= invalid_flag(dst[i], ValueRule::kFinite);
+      }
+      bad_output |= bad;
+    } else {
+      for (Index i = 0; i < n; ++i) {
+        const T dx = qr[i] * (gr[i] - dot[i]);
+        dst[i] = kZeroAtZeroProb && !(qr[i] > T(0)) ? T(0) : dx;
+      }
     }
   }
+  return bad_output;
 }
 
 /// Rounds the dot products (double, summed in class order) to T in
-/// `pixel`, then runs softmax_vjp_scale.
-template <bool kZeroAtZeroProb = false, typename T>
-void softmax_vjp_apply(const T* q, Index q_stride, const T* g, Index g_stride,
-                       T* out, Index out_stride, Index C, Index n,
-                       const double* dot, T* pixel) {
+/// `pixel`, then runs softmax_vjp_scale and returns its result.
+template <bool kZeroAtZeroProb = false, bool kCheckOutput = false, typename T>
+Flag<T> softmax_vjp_apply(const T* q, Index q_stride, const T* g,
+                          Index g_stride, T* out, Index out_stride, Index C,
+                          Index n, const double* dot, T* pixel) {
   QRLOSS_SIMD_LOOP
   for (Index i = 0; i < n; ++i) pixel[i] = static_cast<T>(dot[i]);
-  softmax_vjp_scale<kZeroAtZeroProb>(q, q_stride, g, g_stride, out,
-                                     out_stride, C, n, pixel);
+  return softmax_vjp_scale<kZeroAtZeroProb, kCheckOutput>(
+      q, q_stride, g, g_stride, out, out_stride, C, n, pixel);
 }
 
 /// Writes dx_c = q_c * (g_c - sum_k g_k q_k) for n pixels. Rows are
@@ -112,23 +127,8 @@ Flag<T> softmax_vjp_tile(const T* q, Index q_stride, const T* g,
       }
       bad_input |= bad;
     }
-    QRLOSS_SIMD_LOOP
-    for (Index i = 0; i < n; ++i) pixel[i] = static_cast<T>(dot[i]);
-    // softmax_vjp_scale, with a check of each dx.
-    Flag<T> bad_output = 0;
-    for (Index c = 0; c < C; ++c) {
-      const T* qr = q + c * q_stride;
-      const T* gr = g + c * g_stride;
-      T* dst = out + c * out_stride;
-      Flag<T> bad = 0;
-      QRLOSS_SIMD_LOOP_FLAGS
-      for (Index i = 0; i < n; ++i) {
-        const T dx = qr[i] * (gr[i] - pixel[i]);
-        dst[i] = dx;
-        bad |= invalid_flag(dx, ValueRule::kFinite);
-      }
-      bad_output |= bad;
-    }
+    const Flag<T> bad_output = softmax_vjp_apply<false, true>(
+        q, q_stride, g, g_stride, out, out_stride, C, n, dot, pixel);
     return (bad_input != 0 ? 1 : 0) | (bad_output != 0 ? 2 : 0);
   } else {
     sum_over_classes(
