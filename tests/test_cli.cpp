@@ -3,6 +3,7 @@
 
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -261,6 +262,32 @@ TEST_SUITE("cli") {
     const double from_text =
         std::strtod(output.at("loss_text").get<std::string>().c_str(), nullptr);
     CHECK(from_number == from_text);
+  }
+
+  TEST_CASE("eval prints non-UTF-8 file names") {
+    // A JSON string must be UTF-8, and the strict default of the JSON
+    // library threw after the gradient file was written: exit 1 with the
+    // file replaced. Bytes that are not UTF-8 now print as U+FFFD, and the
+    // output is ASCII, so a C1 control (U+009B) is escaped too.
+    QRLOSS_REQUIRE_EXE_();
+    testing::TempDir dir("qrloss_test_cli_");
+    const std::string probs = dir.file("probs.npy");
+    write_filled(probs, {2, 3}, 1.0 / 3.0);
+    const std::string grad = dir.file("g\xff\xc2\x9b.npy");
+
+    const RunResult run = run_qrloss(
+        dir, {"eval", "--loss", "qr", "--probs", probs, "--target", probs,
+              "--grad-out", grad});
+    INFO("stderr: " << run.err);
+    CHECK(run.status == 0);
+    CHECK(run.err.empty());
+    CHECK(std::all_of(run.out.begin(), run.out.end(), [](char character) {
+      return static_cast<unsigned char>(character) < 0x80;
+    }));
+    CHECK(run.out.find("\\ufffd\\u009b.npy\"") != std::string::npos);
+    const nlohmann::json output = nlohmann::json::parse(run.out);
+    CHECK(output.at("grad_out") == dir.file("g\xef\xbf\xbd\xc2\x9b.npy"));
+    CHECK(fs::exists(grad));
   }
 
   TEST_CASE("eval prints infinite loss as null") {

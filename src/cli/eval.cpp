@@ -270,7 +270,14 @@ void run_and_print(const EvalSettings& settings) {
                  std::string("internal error: ") + error.what());
   }
 
-  std::cout << to_json(settings, *result).dump() << std::endl;
+  // File names need not be UTF-8, which a JSON string must be: a byte that
+  // is not becomes U+FFFD, where the strict default threw after the
+  // gradient file was written. ASCII output also keeps control characters
+  // of any kind away from the terminal.
+  std::cout << to_json(settings, *result)
+                   .dump(-1, ' ', true,
+                         nlohmann::ordered_json::error_handler_t::replace)
+            << std::endl;
   if (!std::cout) {
     // The gradient file is complete by now, and it may have replaced a
     // file of the caller's, so it stays: removing it would lose both.
@@ -302,7 +309,9 @@ void add_eval_command(CLI::App& app) {
       "or nan), loss_name, input ('probs' or 'logits'), input_file, "
       "target_file, shape, dtype, eps, simd (the kernel variant), threads "
       "(the count given to the library: --threads, or the OpenMP default "
-      "for 0; small inputs run on fewer) and grad_out (a path or null).\n"
+      "for 0; small inputs run on fewer) and grad_out (a path or null). "
+      "The JSON is ASCII; in file names, bytes that are not UTF-8 become "
+      "U+FFFD.\n"
       "Errors: one line on stderr, nothing on stdout, no --grad-out file, "
       "exit status 2 for bad usage or input and 1 for internal errors.");
 
