@@ -27,7 +27,13 @@ std::string format_shape(const Shape& shape) {
 }
 
 const char* loss_name(LossKind kind) {
-  return kind == LossKind::kQR ? "qr" : "rq";
+  switch (kind) {
+    case LossKind::kQR:
+      return "qr";
+    case LossKind::kRQ:
+      return "rq";
+  }
+  return "invalid";
 }
 
 namespace detail {

@@ -26,6 +26,14 @@ void check_grad_buffer(const char* function, const char* input_name,
   check_not_null(function, grad_name, grad);
 }
 
+/// Throws unless kind is one of the LossKind values.
+void check_loss_kind(const char* function, LossKind kind) {
+  if (kind == LossKind::kQR || kind == LossKind::kRQ) return;
+  throw invalid_argument(std::string(function) + ": invalid loss kind " +
+                         std::to_string(static_cast<int>(kind)) +
+                         ": expected LossKind::kQR or LossKind::kRQ");
+}
+
 /// Best variant this CPU runs, among those compiled in.
 Isa supported_isa() {
 #if QRLOSS_DISPATCH
@@ -158,25 +166,26 @@ double rq_loss_grad_from_logits(const T* logits, const T* target, T* dL_dx,
 template <typename T>
 double compute_loss(LossKind kind, const T* probs, const T* target, T* dL_dq,
                     const Shape& shape, const LossOptions& options) {
+  detail::check_loss_kind("compute_loss", kind);
   if (kind == LossKind::kQR) {
-    return dL_dq ? qr_loss_grad(probs, target, dL_dq, shape, options)
-                 : qr_loss(probs, target, shape, options);
+    return detail::run_qr<T, false>("compute_loss", probs, target, dL_dq,
+                                     shape, options);
   }
-  return dL_dq ? rq_loss_grad(probs, target, dL_dq, shape, options)
-               : rq_loss(probs, target, shape, options);
+  return detail::run_rq<T, false>("compute_loss", probs, target, dL_dq, shape,
+                                   options);
 }
 
 template <typename T>
 double compute_loss_from_logits(LossKind kind, const T* logits, const T* target,
                                 T* dL_dx, const Shape& shape,
                                 const LossOptions& options) {
+  detail::check_loss_kind("compute_loss_from_logits", kind);
   if (kind == LossKind::kQR) {
-    return dL_dx
-               ? qr_loss_grad_from_logits(logits, target, dL_dx, shape, options)
-               : qr_loss_from_logits(logits, target, shape, options);
+    return detail::run_qr<T, true>("compute_loss_from_logits", logits, target,
+                                    dL_dx, shape, options);
   }
-  return dL_dx ? rq_loss_grad_from_logits(logits, target, dL_dx, shape, options)
-               : rq_loss_from_logits(logits, target, shape, options);
+  return detail::run_rq<T, true>("compute_loss_from_logits", logits, target,
+                                  dL_dx, shape, options);
 }
 
 #define QRLOSS_INSTANTIATE_(T)                                             \

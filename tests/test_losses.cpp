@@ -877,6 +877,36 @@ TEST_SUITE("losses") {
     }
   }
 
+  TEST_CASE("compute_loss rejects invalid kind") {
+    // A kind outside the enum was computed as RQ without an error.
+    const Shape shape{2, 2};
+    const std::vector<double> values = {0.5, 0.5, 0.5, 0.5};
+    const auto invalid = static_cast<LossKind>(7);
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::compute_loss<double>(invalid, values.data(), values.data(),
+                                       nullptr, shape);
+        },
+        "compute_loss: invalid loss kind 7: expected LossKind::kQR or "
+        "LossKind::kRQ");
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::compute_loss_from_logits<double>(
+              invalid, values.data(), values.data(), nullptr, shape);
+        },
+        "compute_loss_from_logits: invalid loss kind 7");
+    CHECK(std::string(qrloss::loss_name(invalid)) == "invalid");
+
+    // Errors name the function the caller called.
+    const std::vector<double> negative = {0.5, -0.5, 0.5, 0.5};
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::compute_loss<double>(LossKind::kRQ, negative.data(),
+                                       values.data(), nullptr, shape);
+        },
+        "compute_loss: negative input: probs is -0.5 at (b=0,c=1)");
+  }
+
   TEST_CASE_TEMPLATE("tensor maps match pointers", T, float, double) {
     using ConstView4 = qrloss::ConstTensorView<T, 4>;
     using ConstView2 = qrloss::ConstTensorView<T, 2>;

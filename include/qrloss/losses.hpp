@@ -79,7 +79,7 @@ struct LossOptions {
 /// The two losses.
 enum class LossKind { kQR, kRQ };
 
-/// Returns "qr" or "rq".
+/// Returns "qr" or "rq", or "invalid" for a value outside the enum.
 const char* loss_name(LossKind kind);
 
 // ---------------------------------------------------------------------------
@@ -163,11 +163,14 @@ double rq_loss_grad_from_logits(const T* logits, const T* target, T* dL_dx,
                                 const LossOptions& options = {});
 
 /// Computes either loss from probs; writes dL/dq when dL_dq is not null.
+/// Errors are those of the function it stands for, named compute_loss; a
+/// `kind` outside the enum throws qrloss::invalid_argument.
 template <typename T>
 double compute_loss(LossKind kind, const T* probs, const T* target, T* dL_dq,
                     const Shape& shape, const LossOptions& options = {});
 
-/// Computes either loss from logits; writes dL/dx when dL_dx is not null.
+/// Computes either loss from logits; writes dL/dx when dL_dx is not null,
+/// with the errors of compute_loss.
 template <typename T>
 double compute_loss_from_logits(LossKind kind, const T* logits, const T* target,
                                 T* dL_dx, const Shape& shape,
