@@ -606,27 +606,37 @@ TEST_SUITE("softmax") {
   }
 
   TEST_CASE_TEMPLATE("vjp overflow rejected", T, float, double) {
-    // With dL_dq = +-0.9 of T's largest value, g - sum_k g_k q_k overflows
-    // at the class of q = 0.1, which returned -inf without an error. Shape
-    // {2, 2} goes through the few-pixel copies, {1, 2, 4, 4} does not.
-    const T big = T(0.9) * std::numeric_limits<T>::max();
+    // With q = (0.9, 0.1) and dL_dq = (-0.6, 0.6) of T's largest value,
+    // dL_dx = (-0.108, 0.108) of it fits T, but g - sum_k g_k q_k in T
+    // overflowed. q = (4, 4) (probs need not sum to 1) makes dL_dx itself
+    // overflow. Shape {2, 2} goes through the few-pixel copies,
+    // {1, 2, 4, 4} does not.
+    const T largest = std::numeric_limits<T>::max();
     const std::string expected =
         std::string("softmax_vjp: non-finite result: dL_dx overflows ") +
         (sizeof(T) == 4 ? "float32" : "float64") +
         " although probs and dL_dq are finite; rescale dL_dq";
     for (const Shape& shape : {Shape{2, 2}, Shape{1, 2, 4, 4}}) {
+      CAPTURE(shape.size());
       const std::int64_t pixels = testing::count(shape) / 2;
+      // Class c of pixel 0 lies at c * stride in both layouts.
+      const auto at = static_cast<std::size_t>(shape.size() == 2 ? 1 : pixels);
       std::vector<T> probs(static_cast<std::size_t>(2 * pixels), T(0.5));
       std::vector<T> dL_dq(probs.size(), T(1));
-      // Pixel 0: q = (0.9, 0.1), g = (big, -big). In both layouts class c
-      // of pixel 0 lies at c * stride.
-      const std::int64_t stride = shape.size() == 2 ? 1 : pixels;
-      probs[0] = T(0.9);
-      probs[static_cast<std::size_t>(stride)] = T(0.1);
-      dL_dq[0] = big;
-      dL_dq[static_cast<std::size_t>(stride)] = -big;
       std::vector<T> dL_dx(probs.size());
-      CAPTURE(shape.size());
+
+      probs[0] = T(0.9);
+      probs[at] = T(0.1);
+      dL_dq[0] = T(-0.6) * largest;
+      dL_dq[at] = T(0.6) * largest;
+      qrloss::softmax_vjp(probs.data(), dL_dq.data(), dL_dx.data(), shape);
+      CHECK(dL_dx[0] / largest == doctest::Approx(-0.108).epsilon(1e-6));
+      CHECK(dL_dx[at] / largest == doctest::Approx(0.108).epsilon(1e-6));
+
+      probs[0] = T(4);
+      probs[at] = T(4);
+      dL_dq[0] = T(0.9) * largest;
+      dL_dq[at] = T(-0.9) * largest;
       testing::check_invalid_argument(
           [&] {
             qrloss::softmax_vjp(probs.data(), dL_dq.data(), dL_dx.data(),

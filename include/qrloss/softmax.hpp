@@ -30,9 +30,10 @@ void softmax(const T* logits, T* probs, const Shape& shape,
 ///   buffers, negative or non-finite probs, or non-finite dL_dq (naming
 ///   the first bad index, in probs before dL_dq). dL_dq is then left
 ///   unchanged, also in place. It is also thrown when an entry of dL_dx
-///   overflows T, which needs |dL_dq| near T's largest value. dL_dx is
-///   unspecified after an exception (in place, dL_dq is too after an
-///   overflow).
+///   overflows T, which needs |dL_dq| near T's largest value. In place,
+///   g - sum_k g_k q_k beyond T's range can throw too, even where dL_dx
+///   would fit. dL_dx is unspecified after an exception (in place, dL_dq is too
+///   after an overflow).
 template <typename T>
 void softmax_vjp(const T* probs, const T* dL_dq, T* dL_dx, const Shape& shape,
                  int num_threads = 0);

@@ -2,6 +2,8 @@
 // Softmax and its vector-Jacobian product over one tile of pixels.
 
 #include <algorithm>
+#include <cmath>
+#include <type_traits>
 
 #include "detail/isa.hpp"
 #include "detail/lanes.hpp"
@@ -54,15 +56,17 @@ Flag<T> softmax_tile(const T* x, Index x_stride, Index C, Index n, T* q,
 
 /// Writes dx_c = q_c * (g_c - dot) for n pixels, where dot contains
 /// sum_k g_k q_k of each pixel: the second half of softmax_vjp_tile, whose
-/// row layout it shares. With kZeroAtZeroProb, dx_c is 0 where q_c = 0 even
-/// when g_c is infinite, for a caller whose dot products also skip those
-/// entries. With kCheckOutput the result is nonzero when some dx is not
-/// finite (g - dot can overflow for |g| near T's largest value); without
-/// it the result is 0.
-template <bool kZeroAtZeroProb = false, bool kCheckOutput = false, typename T>
+/// row layout it shares. The arithmetic is in the type of dot: T, or double
+/// where g - dot may overflow T although dx fits (|g| near T's largest
+/// value); the checked loop in double then also tries q g - q dot. With
+/// kZeroAtZeroProb, dx_c is 0 where q_c = 0 even when g_c is infinite, for
+/// a caller whose dot products also skip those entries. With kCheckOutput
+/// the result is nonzero when some dx is not finite; without it, 0.
+template <bool kZeroAtZeroProb = false, bool kCheckOutput = false, typename T,
+          typename D>
 Flag<T> softmax_vjp_scale(const T* q, Index q_stride, const T* g,
                           Index g_stride, T* out, Index out_stride, Index C,
-                          Index n, const T* dot) {
+                          Index n, const D* dot) {
   Flag<T> bad_output = 0;
   for (Index c = 0; c < C; ++c) {
     const T* qr = q + c * q_stride;
@@ -72,15 +76,23 @@ Flag<T> softmax_vjp_scale(const T* q, Index q_stride, const T* g,
       Flag<T> bad = 0;
       QRLOSS_SIMD_LOOP_FLAGS
       for (Index i = 0; i < n; ++i) {
-        const T dx = qr[i] * (gr[i] - dot[i]);
-        dst[i] = kZeroAtZeroProb && !(qr[i] > T(0)) ? T(0) : dx;
+        const D qi = static_cast<D>(qr[i]);
+        const D gi = static_cast<D>(gr[i]);
+        D dx = qi * (gi - dot[i]);
+        if constexpr (std::is_same_v<D, double>) {
+          // In double, g - dot itself can overflow where q g - q dot fits.
+          dx = std::isfinite(dx) ? dx : qi * gi - qi * dot[i];
+        }
+        dst[i] = kZeroAtZeroProb && !(qr[i] > T(0)) ? T(0)
+                                                   : static_cast<T>(dx);
         bad |= invalid_flag(dst[i], ValueRule::kFinite);
       }
       bad_output |= bad;
     } else {
       for (Index i = 0; i < n; ++i) {
-        const T dx = qr[i] * (gr[i] - dot[i]);
-        dst[i] = kZeroAtZeroProb && !(qr[i] > T(0)) ? T(0) : dx;
+        const D dx = static_cast<D>(qr[i]) * (static_cast<D>(gr[i]) - dot[i]);
+        dst[i] = kZeroAtZeroProb && !(qr[i] > T(0)) ? T(0)
+                                                   : static_cast<T>(dx);
       }
     }
   }
@@ -88,15 +100,16 @@ Flag<T> softmax_vjp_scale(const T* q, Index q_stride, const T* g,
 }
 
 /// Rounds the dot products (double, summed in class order) to T in
-/// `pixel`, then runs softmax_vjp_scale and returns its result.
-template <bool kZeroAtZeroProb = false, bool kCheckOutput = false, typename T>
-Flag<T> softmax_vjp_apply(const T* q, Index q_stride, const T* g,
-                          Index g_stride, T* out, Index out_stride, Index C,
-                          Index n, const double* dot, T* pixel) {
+/// `pixel`, then runs softmax_vjp_scale in T.
+template <bool kZeroAtZeroProb = false, typename T>
+void softmax_vjp_apply(const T* q, Index q_stride, const T* g, Index g_stride,
+                       T* out, Index out_stride, Index C, Index n,
+                       const double* dot, T* pixel) {
   QRLOSS_SIMD_LOOP
   for (Index i = 0; i < n; ++i) pixel[i] = static_cast<T>(dot[i]);
-  return softmax_vjp_scale<kZeroAtZeroProb, kCheckOutput>(
-      q, q_stride, g, g_stride, out, out_stride, C, n, pixel);
+  softmax_vjp_scale<kZeroAtZeroProb>(q, q_stride, g, g_stride, out,
+                                     out_stride, C, n,
+                                     static_cast<const T*>(pixel));
 }
 
 /// Writes dx_c = q_c * (g_c - sum_k g_k q_k) for n pixels. Rows are
@@ -127,8 +140,19 @@ Flag<T> softmax_vjp_tile(const T* q, Index q_stride, const T* g,
       }
       bad_input |= bad;
     }
-    const Flag<T> bad_output = softmax_vjp_apply<false, true>(
-        q, q_stride, g, g_stride, out, out_stride, C, n, dot, pixel);
+    QRLOSS_SIMD_LOOP
+    for (Index i = 0; i < n; ++i) pixel[i] = static_cast<T>(dot[i]);
+    Flag<T> bad_output = softmax_vjp_scale<false, true>(
+        q, q_stride, g, g_stride, out, out_stride, C, n,
+        static_cast<const T*>(pixel));
+    // Rare: an entry overflowed T, which an intermediate g - dot can cause
+    // although dx fits. Unless out is g (in place, g is gone by now), the
+    // tile is redone in double, where only a dx beyond T's range fails.
+    if (bad_output != 0 && out != g) {
+      bad_output = softmax_vjp_scale<false, true>(
+          q, q_stride, g, g_stride, out, out_stride, C, n,
+          static_cast<const double*>(dot));
+    }
     return (bad_input != 0 ? 1 : 0) | (bad_output != 0 ? 2 : 0);
   } else {
     sum_over_classes(
