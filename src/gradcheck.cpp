@@ -27,7 +27,7 @@ std::vector<std::int64_t> choose_indices(const GradientCheckOptions& options,
     return options.indices;
   }
   std::vector<std::int64_t> indices;
-  if (options.max_elements <= 0 || size <= options.max_elements) {
+  if (size <= options.max_elements) {
     indices.resize(static_cast<std::size_t>(size));
     for (std::int64_t i = 0; i < size; ++i) indices[i] = i;
     return indices;
@@ -40,6 +40,48 @@ std::vector<std::int64_t> choose_indices(const GradientCheckOptions& options,
   std::sort(indices.begin(), indices.end());
   indices.erase(std::unique(indices.begin(), indices.end()), indices.end());
   return indices;
+}
+
+/// Throws unless `value` is finite and at least `lowest` (above it when
+/// `strictly`).
+void check_setting(const char* name, double value, double lowest,
+                   bool strictly) {
+  const bool ok = std::isfinite(value) &&
+                  (strictly ? value > lowest : value >= lowest);
+  if (ok) return;
+  std::ostringstream text;
+  text << "check_gradient: invalid " << name << ": expected a finite value "
+       << (strictly ? "> " : ">= ") << lowest << ", got " << value;
+  throw invalid_argument(text.str());
+}
+
+/// Throws unless the options can be used for an x of `size` elements.
+void check_options(const GradientCheckOptions& options, std::int64_t size) {
+  check_setting("step_scale", options.step_scale, 0.0, true);
+  check_setting("rtol", options.rtol, 0.0, false);
+  check_setting("atol_scale", options.atol_scale, 0.0, false);
+  if (options.indices.empty() && options.max_elements < 1) {
+    throw invalid_argument(
+        "check_gradient: invalid max_elements: expected at least 1, got " +
+        std::to_string(options.max_elements));
+  }
+  if (!options.shape.empty()) {
+    // The product stops once it passes size, so it cannot overflow.
+    std::int64_t count = 1;
+    for (const std::int64_t extent : options.shape) {
+      if (extent < 0 || (extent > 0 && count > size / extent)) {
+        count = -1;
+        break;
+      }
+      count *= extent;
+    }
+    if (count != size) {
+      throw invalid_argument("check_gradient: shape mismatch: shape " +
+                             format_shape(options.shape) +
+                             " does not match x of size " +
+                             std::to_string(size));
+    }
+  }
 }
 
 std::string position_of(std::int64_t flat, const Shape& shape) {
@@ -79,6 +121,7 @@ GradientCheckReport check_gradient(
         "of size " +
         std::to_string(x.size()) + ", got " + std::to_string(analytic.size()));
   }
+  check_options(options, x.size());
   const std::vector<std::int64_t> indices = choose_indices(options, x.size());
 
   std::vector<double> numeric(indices.size());

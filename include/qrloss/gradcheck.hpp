@@ -63,7 +63,10 @@ struct GradientCheckReport {
 /// An entry passes when |a - n| <= atol + rtol * max(|a|, |n|).
 /// `f` is called twice per checked entry on a copy of x; x is not modified.
 /// @throws qrloss::invalid_argument if x and analytic differ in size, x is
-///   empty, an index is out of range, or f returns a non-finite value.
+///   empty, an index is out of range, f returns a non-finite value, or an
+///   option is invalid: step_scale not finite and > 0, rtol or atol_scale
+///   not finite and >= 0, max_elements below 1 (with no indices), or a
+///   non-empty shape whose element count differs from x's size.
 GradientCheckReport check_gradient(
     const std::function<double(const Eigen::VectorXd&)>& f,
     const Eigen::VectorXd& x, const Eigen::VectorXd& analytic,
