@@ -955,6 +955,14 @@ TEST_SUITE("losses") {
                                            grad.data(), shape));
     CHECK(testing::same_bits(grad_map_data, grad));
 
+    // A temporary view of the gradient buffer works as the output.
+    std::fill(grad_map_data.begin(), grad_map_data.end(), T(0));
+    CHECK(qrloss::rq_loss_grad(probs_map, target_map,
+                               View4(grad_map_data.data(), 2, 5, 3, 4)) ==
+          qrloss::rq_loss_grad(probs.data(), target.data(), grad.data(),
+                               shape));
+    CHECK(testing::same_bits(grad_map_data, grad));
+
     // A writable map works as an input too.
     std::vector<T> probs_copy = probs;
     const View4 writable_probs(probs_copy.data(), 2, 5, 3, 4);

@@ -178,7 +178,8 @@ double compute_loss_from_logits(LossKind kind, const T* logits, const T* target,
 
 // ---------------------------------------------------------------------------
 // Eigen::TensorMap interface: the same functions over rank-2 or rank-4
-// row-major TensorMaps (for example ConstTensorView<float, 4>).
+// row-major TensorMaps (for example ConstTensorView<float, 4>). The gradient
+// map is taken by value, so a temporary view of a buffer works too.
 // ---------------------------------------------------------------------------
 
 #define QRLOSS_TENSOR_MAP_OVERLOADS_(name)                                     \
@@ -199,7 +200,7 @@ double compute_loss_from_logits(LossKind kind, const T* logits, const T* target,
                 detail::is_loss_tensor_map<TargetMap>::value &&                \
                 detail::is_loss_tensor_map<GradMap>::value>>                   \
   double name##_grad(const ProbsMap& first, const TargetMap& target,           \
-                     GradMap& grad, const LossOptions& options = {}) {         \
+                     GradMap grad, const LossOptions& options = {}) {          \
     detail::check_same_shape(#name "_grad", "target", detail::shape_of(first), \
                              detail::shape_of(target));                        \
     detail::check_same_shape(#name "_grad", "gradient",                        \
@@ -239,7 +240,7 @@ QRLOSS_TENSOR_MAP_OVERLOADS_(rq_loss)
                 detail::is_loss_tensor_map<TargetMap>::value &&             \
                 detail::is_loss_tensor_map<GradMap>::value>>                \
   double prefix##_grad_from_logits(const LogitsMap& logits,                 \
-                                   const TargetMap& target, GradMap& grad,  \
+                                   const TargetMap& target, GradMap grad,   \
                                    const LossOptions& options = {}) {       \
     detail::check_same_shape(#prefix "_grad_from_logits", "target",         \
                              detail::shape_of(logits),                      \
