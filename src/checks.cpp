@@ -176,16 +176,22 @@ void throw_pixel_sum_overflow(const char* function, const char* dtype) {
 }
 
 void check_class_totals(const char* function, const std::vector<double>& sum_q,
-                        double max_total) {
+                        double max_total, bool inputs_checked) {
   double total = 0.0;
   for (std::size_t c = 0; c < sum_q.size(); ++c) {
-    if (!std::isfinite(sum_q[c])) {
-      throw invalid_argument(
-          std::string(function) + ": non-finite result: the total of class " +
-          std::to_string(c) +
-          " of probs over the batch overflows float64; scale probs down");
+    if (std::isfinite(sum_q[c])) {
+      total += sum_q[c];
+      continue;
     }
-    total += sum_q[c];
+    const std::string start = std::string(function) +
+                              ": non-finite result: the total of class " +
+                              std::to_string(c) + " of probs over the batch ";
+    if (!inputs_checked) {
+      throw invalid_argument(start + "is " + format_double(sum_q[c]) +
+                             "; check_finite = false lets NaN, infinite and "
+                             "negative inputs through, which can cause this");
+    }
+    throw invalid_argument(start + "overflows float64; scale probs down");
   }
   if (!(total <= max_total)) {
     const std::string sum =

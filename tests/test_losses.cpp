@@ -2352,4 +2352,32 @@ TEST_SUITE("losses") {
       CHECK(testing::same_bits(grad_unchecked, grad_checked));
     }
   }
+
+  TEST_CASE("check_finite off names unchecked inputs") {
+    // Bad inputs that the scan would have rejected were blamed on overflow
+    // ("scale probs down") or on inputs that "passed validation".
+    const Shape shape{2, 2};
+    LossOptions unchecked;
+    unchecked.check_finite = false;
+    const std::string hint =
+        "check_finite = false lets NaN, infinite and negative inputs "
+        "through, which can cause this";
+    const std::vector<double> nan_probs = {
+        std::numeric_limits<double>::quiet_NaN(), 0.5, 0.5, 0.5};
+    const std::vector<double> target = {0.5, 0.5, 0.5, 0.5};
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::qr_loss(nan_probs.data(), target.data(), shape, unchecked);
+        },
+        "qr_loss: non-finite result: the total of class 0 of probs over the "
+        "batch is nan; " + hint);
+    const std::vector<double> probs = {0.5, 0.5, 0.5, 0.5};
+    const std::vector<double> negative_target = {0.5, -0.5, 0.5, 0.5};
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::qr_loss(probs.data(), negative_target.data(), shape,
+                          unchecked);
+        },
+        "qr_loss: non-finite result: the loss is NaN; " + hint);
+  }
 }

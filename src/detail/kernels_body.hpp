@@ -453,11 +453,17 @@ void raise_if_bad(const CallSetup& call, const char* tensor, const T* data,
 /// float range can overflow intermediate products.
 void raise_if_nan(const CallSetup& call, double value, const char* quantity) {
   if (!std::isnan(value)) return;
-  throw invalid_argument(std::string(call.function) +
-                         ": non-finite result: " + quantity +
-                         " is NaN although the inputs passed validation; "
-                         "input magnitudes overflow the arithmetic, so "
-                         "rescale probs and target (or use a larger eps)");
+  const std::string start = std::string(call.function) +
+                            ": non-finite result: " + quantity + " is NaN";
+  if (!call.check) {
+    throw invalid_argument(start +
+                           "; check_finite = false lets NaN, infinite and "
+                           "negative inputs through, which can cause this");
+  }
+  throw invalid_argument(start +
+                         " although the inputs passed validation; input "
+                         "magnitudes overflow the arithmetic, so rescale "
+                         "probs and target (or use a larger eps)");
 }
 
 /// Writes the gradient rows of a tile, computed in the thread's scratch, to
@@ -651,7 +657,7 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
   ClassStats stats;
   stats.sum_q.assign(totals.begin(), totals.begin() + C);
   stats.num_pixels = static_cast<double>(geometry.num_pixels());
-  check_class_totals(function, stats.sum_q, kMaxQrTotal);
+  check_class_totals(function, stats.sum_q, kMaxQrTotal, call.check);
   if (!want_grad) {
     raise_if_bad(call, "target", target, bad_target);
     const double loss = qr_loss_value(call, stats.sum_q, totals.back());
@@ -792,7 +798,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   stats.sum_q = class_sums.total();
   stats.num_pixels = static_cast<double>(geometry.num_pixels());
   check_class_totals(function, stats.sum_q,
-                     std::numeric_limits<double>::infinity());
+                     std::numeric_limits<double>::infinity(), call.check);
   std::vector<double> inv_s(static_cast<std::size_t>(C));
   std::vector<T> inv_s_t(static_cast<std::size_t>(C));
   std::vector<char> s_clamped(static_cast<std::size_t>(C));

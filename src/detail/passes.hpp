@@ -86,8 +86,10 @@ void check_no_overlap(const char* function, const char* output_name,
 
 /// Throws unless every class total S_c is finite (float64 probs near the
 /// largest double can overflow it) and their sum is at most max_total.
+/// Without inputs_checked (check_finite = false) the message says that
+/// unchecked inputs can be the cause.
 void check_class_totals(const char* function, const std::vector<double>& sum_q,
-                        double max_total);
+                        double max_total, bool inputs_checked);
 
 /// Throws the error for RQ where class c's total probability is so large
 /// that 1 / s_c lies below the normal range of `dtype`.
