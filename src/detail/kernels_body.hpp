@@ -333,10 +333,11 @@ double run_repacked(const CallSetup& call, const T* input, const T* target,
     check_values(call.function, "target", target, geometry, call.shape,
                  target_rule, call.threads);
   }
-  LossOptions inner = options;
-  inner.check_finite = false;  // checked above
+  // The copies are checked above, so the kernel's own checks find nothing.
+  // They stay on (options.check_finite as given) so that its messages know
+  // whether the inputs were checked.
   const double loss = kernel(call.function, packed.copy(0), packed.copy(1),
-                             packed_grad, repacked_shape(geometry), inner);
+                             packed_grad, repacked_shape(geometry), options);
   if (grad != nullptr) {
     repack_items(geometry, packed_grad, grad, call.threads, true);
   }
