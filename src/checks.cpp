@@ -88,8 +88,9 @@ Geometry make_geometry(const char* function, const char* tensor,
   }
   for (std::int64_t extent : shape) {
     if (extent <= 0) {
-      throw invalid_argument(prefix + "empty tensor: " + tensor +
-                             " has shape " + format_shape(shape) +
+      const char* problem = extent == 0 ? "empty tensor: " : "bad shape: ";
+      throw invalid_argument(prefix + problem + tensor + " has shape " +
+                             format_shape(shape) +
                              ", expected every extent >= 1");
     }
   }

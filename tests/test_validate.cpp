@@ -153,7 +153,7 @@ TEST_SUITE("validate") {
         "validate_target: empty tensor: target has shape [2,3,0,5]");
     testing::check_invalid_argument(
         [&] { qrloss::validate_target(target.data(), Shape{2, -3, 4, 5}); },
-        "validate_target: empty tensor: target has shape [2,-3,4,5]");
+        "validate_target: bad shape: target has shape [2,-3,4,5]");
     constexpr std::int64_t kOne = 1;
     testing::check_invalid_argument(
         [&] {
