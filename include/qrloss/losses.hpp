@@ -26,7 +26,8 @@
 ///   null data, rank other than 2 or 4, a zero or negative extent, an
 ///   element count that overflows, shape mismatch, bad eps or overlapping
 ///   buffers. It is also thrown for non-finite or negative input values,
-///   and then the message names the tensor and the first bad index. It is
+///   and then the message names the tensor and the first bad index (the
+///   input's before the target's, wherever they lie in memory). It is
 ///   thrown for probs so large that a result would overflow, too. That
 ///   means a class total over the batch beyond float64, a QR batch total
 ///   above 1e300, or an RQ class total above about 8.5e37 in float (4.5e307
@@ -68,6 +69,9 @@ const char* kernel_isa();
 /// Settings shared by all loss entry points.
 struct LossOptions {
   /// Added inside every log; must be 0 or in [kMinPositiveEps, kMaxEps].
+  /// Per-element sums such as p + eps are formed in the input type, so in
+  /// float an eps below the resolution of p has no effect there (QR of
+  /// q = p = 0.5 is about 2e-8 in float and 0 in double).
   double eps = kDefaultEps;
   /// Reject NaN, infinite and negative input values with an error naming the
   /// first bad index. When false, such values give unspecified results.
