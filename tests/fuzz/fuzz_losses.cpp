@@ -25,7 +25,8 @@
 //   from the inputs).
 // - Two thread counts give bitwise identical losses and gradients, or the
 //   same error message. compute_loss, compute_loss_from_logits and the
-//   Eigen::TensorMap overloads give the same bits as the pointer functions.
+//   Eigen::TensorMap overloads give the same bits as the pointer functions,
+//   and the same messages, except that the dispatchers name themselves.
 // - softmax rows are in [0, 1] and sum to 1; softmax_vjp of bounded inputs
 //   is finite, and in place it equals the out-of-place result.
 // - For float inputs, the QR and RQ gradients from probs agree with the
@@ -513,7 +514,7 @@ void check_losses(const Case& in, const Tensors<T>& tensors) {
 
     LossOptions options = in.options;
     options.num_threads = in.threads_a;
-    const Outcome<T> dispatched = run<T>(in.elements, [&](T* grad) {
+    Outcome<T> dispatched = run<T>(in.elements, [&](T* grad) {
       T* out = with_grad ? grad : nullptr;
       return entry.from_logits
                  ? qrloss::compute_loss_from_logits<T>(
@@ -523,6 +524,18 @@ void check_losses(const Case& in, const Tensors<T>& tensors) {
                                            tensors.target.data(), out,
                                            in.shape, options);
     });
+    // The dispatcher names itself; the rest of its message is the entry's.
+    const std::string dispatcher = entry.from_logits
+                                       ? "compute_loss_from_logits: "
+                                       : "compute_loss: ";
+    if (dispatched.threw) {
+      if (dispatched.message.rfind(dispatcher, 0) != 0) {
+        fail(context + " through compute_loss: message does not start with " +
+             dispatcher + dispatched.message);
+      }
+      dispatched.message = std::string(entry.name) + ": " +
+                           dispatched.message.substr(dispatcher.size());
+    }
     check_same(first, dispatched, context + " through compute_loss");
 
     if (!in.bad_shape) {
