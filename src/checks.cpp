@@ -188,9 +188,8 @@ void check_class_totals(const char* function, const std::vector<double>& sum_q,
                               ": non-finite result: the total of class " +
                               std::to_string(c) + " of probs over the batch ";
     if (!inputs_checked) {
-      throw invalid_argument(start + "is " + format_double(sum_q[c]) +
-                             "; check_finite = false lets NaN, infinite and "
-                             "negative inputs through, which can cause this");
+      throw invalid_argument(start + "is " + format_double(sum_q[c]) + "; " +
+                             kUncheckedInputsHint);
     }
     throw invalid_argument(start + "overflows float64; scale probs down");
   }

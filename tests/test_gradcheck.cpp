@@ -322,29 +322,37 @@ TEST_SUITE("gradcheck") {
       GradientCheckOptions options;
       std::string message;
     };
+
     std::vector<Case> cases(7);
     cases[0] = {"zero step", {}, "invalid step_scale: expected a finite value "
                                  "> 0, got 0"};
     cases[0].options.step_scale = 0.0;
+
     cases[1] = {"nan step", {}, "invalid step_scale: expected a finite value "
                                 "> 0, got nan"};
     cases[1].options.step_scale = nan;
+
     cases[2] = {"nan rtol", {}, "invalid rtol: expected a finite value >= 0, "
                                 "got nan"};
     cases[2].options.rtol = nan;
+
     cases[3] = {"negative atol_scale", {}, "invalid atol_scale: expected a "
                                            "finite value >= 0, got -1"};
     cases[3].options.atol_scale = -1.0;
+
     cases[4] = {"zero max_elements", {}, "invalid max_elements: expected at "
                                          "least 1, got 0"};
     cases[4].options.max_elements = 0;
+
     cases[5] = {"shape of wrong size", {}, "shape mismatch: shape [7,7] does "
                                            "not match x of size 10"};
     cases[5].options.shape = {7, 7};
+
     cases[6] = {"shape that overflows", {}, "shape mismatch: shape "
                                             "[4294967296,4294967296] does not "
                                             "match x of size 10"};
     cases[6].options.shape = {std::int64_t{1} << 32, std::int64_t{1} << 32};
+
     for (const Case& test : cases) {
       CAPTURE(test.name);
       testing::check_invalid_argument(

@@ -457,9 +457,7 @@ void raise_if_nan(const CallSetup& call, double value, const char* quantity) {
   const std::string start = std::string(call.function) +
                             ": non-finite result: " + quantity + " is NaN";
   if (!call.check) {
-    throw invalid_argument(start +
-                           "; check_finite = false lets NaN, infinite and "
-                           "negative inputs through, which can cause this");
+    throw invalid_argument(start + "; " + kUncheckedInputsHint);
   }
   throw invalid_argument(start +
                          " although the inputs passed validation; input "
@@ -803,7 +801,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   std::vector<double> inv_s(static_cast<std::size_t>(C));
   std::vector<T> inv_s_t(static_cast<std::size_t>(C));
   std::vector<char> s_clamped(static_cast<std::size_t>(C));
-  const char* dtype = sizeof(T) == 4 ? "float32" : "float64";
+  const char* dtype = type_name<T>();
   Index smallest_class = 0;  // named when the gradient overflows
   for (Index c = 0; c < C; ++c) {
     const double S = stats.sum_q[static_cast<std::size_t>(c)];
@@ -1243,7 +1241,7 @@ void softmax_vjp_impl(const char* function, const T* probs, const T* dL_dq,
   if (std::find(overflowed.begin(), overflowed.end(), 1) != overflowed.end()) {
     throw invalid_argument(
         std::string(function) + ": non-finite result: dL_dx overflows " +
-        (sizeof(T) == 4 ? "float32" : "float64") +
+        type_name<T>() +
         " although probs and dL_dq are finite; rescale dL_dq");
   }
 }

@@ -84,9 +84,20 @@ void check_no_overlap(const char* function, const char* output_name,
 [[noreturn]] void throw_tiny_class_total(const char* function, Index c,
                                          double total, const char* dtype);
 
+/// Name of the element type T in messages.
+template <typename T>
+constexpr const char* type_name() {
+  return sizeof(T) == 4 ? "float32" : "float64";
+}
+
+/// End of a non-finite-result message when check_finite is false.
+inline constexpr char kUncheckedInputsHint[] =
+    "check_finite = false lets NaN, infinite and negative inputs through, "
+    "which can cause this";
+
 /// Throws unless every class total S_c is finite (float64 probs near the
 /// largest double can overflow it) and their sum is at most max_total.
-/// Without inputs_checked (check_finite = false) the message says that
+/// Without inputs_checked (check_finite = false) the message states that
 /// unchecked inputs can be the cause.
 void check_class_totals(const char* function, const std::vector<double>& sum_q,
                         double max_total, bool inputs_checked);
