@@ -1,9 +1,12 @@
 // Runs the built `qrloss` executable (path in QRLOSS_EXE) on the golden
 // cases and on bad input, with stdout and stderr captured to files.
 
+#include <fcntl.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <csignal>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -745,6 +748,51 @@ TEST_SUITE("cli") {
               std::string::npos);
       }
     }
+    CHECK(npy::read(grad).shape == qrloss::Shape{2, 3});
+  }
+
+  TEST_CASE("closed stdout pipe fails eval") {
+    // The pipe's read end is closed before qrloss starts, so printing the
+    // JSON meets EPIPE. qrloss ignores SIGPIPE: it must exit 1 with the
+    // stdout message instead of dying on the signal without one. The child
+    // restores the default action first, since an ignored signal would be
+    // inherited and hide a qrloss that does not ignore it itself.
+    QRLOSS_REQUIRE_EXE_();
+    testing::TempDir dir("qrloss_test_cli_");
+    const std::string probs = dir.file("probs.npy");
+    const std::string target = dir.file("target.npy");
+    const std::string grad = dir.file("grad.npy");
+    const std::string err = dir.file("stderr.txt");
+    write_filled(probs, {2, 3}, 1.0 / 3.0);
+    write_filled(target, {2, 3}, 0.5);
+    const std::string exe = qrloss_exe();
+    std::vector<std::string> args = {exe,      "eval",      "--loss",
+                                     "qr",     "--probs",   probs,
+                                     "--target", target,    "--grad-out",
+                                     grad};
+    std::vector<char*> argv;
+    for (std::string& arg : args) argv.push_back(arg.data());
+    argv.push_back(nullptr);
+
+    int fds[2];
+    REQUIRE(pipe(fds) == 0);
+    close(fds[0]);
+    const pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      std::signal(SIGPIPE, SIG_DFL);
+      const int err_fd = open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+      if (err_fd < 0 || dup2(fds[1], 1) < 0 || dup2(err_fd, 2) < 0) _exit(99);
+      execv(exe.c_str(), argv.data());
+      _exit(98);
+    }
+    close(fds[1]);
+    int raw_status = 0;
+    REQUIRE(waitpid(pid, &raw_status, 0) == pid);
+    REQUIRE(WIFEXITED(raw_status));
+    CHECK(WEXITSTATUS(raw_status) == 1);
+    CHECK(read_text(err).find("cannot write the result to stdout") !=
+          std::string::npos);
     CHECK(npy::read(grad).shape == qrloss::Shape{2, 3});
   }
 

@@ -5,6 +5,7 @@
 #include <cctype>
 #include <cerrno>
 #include <climits>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -274,6 +275,10 @@ void fail_command(const std::string& command, int exit_status,
 
 int main(int argc, char** argv) {
   namespace cli = qrloss::cli;
+  // With SIGPIPE ignored, printing to a pipe whose reader has exited fails
+  // with EPIPE, so the stdout error path reports it and exits 1, as for a
+  // full disk, instead of the process ending silently on the signal.
+  std::signal(SIGPIPE, SIG_IGN);
 
   CLI::App app{
       "QR and RQ losses (Rolf et al., \"Resolving label uncertainty with "
