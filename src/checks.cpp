@@ -136,15 +136,24 @@ void check_not_null(const char* function, const char* tensor,
 
 void check_no_overlap(const char* function, const char* output_name,
                       const void* output, const char* input_name,
-                      const void* input, std::size_t bytes) {
+                      const void* input, const Shape& shape,
+                      std::size_t element_size) {
+  std::int64_t count = 1;
+  for (std::int64_t extent : shape) count *= extent;
+  const std::size_t bytes = static_cast<std::size_t>(count) * element_size;
   const auto out_begin = reinterpret_cast<std::uintptr_t>(output);
   const auto in_begin = reinterpret_cast<std::uintptr_t>(input);
   const bool disjoint =
       out_begin + bytes <= in_begin || in_begin + bytes <= out_begin;
   if (disjoint) return;
+  // A shape larger than the caller's buffers also makes them overlap, so
+  // the message gives the extent that the check assumed.
   throw invalid_argument(
       std::string(function) + ": overlapping buffers: " + output_name +
-      " overlaps " + input_name + "; pass a separate output buffer");
+      " overlaps " + input_name + ", as each spans " + std::to_string(count) +
+      " elements for shape " + format_shape(shape) +
+      "; pass a separate output buffer, or fix the shape if the buffers "
+      "hold fewer elements");
 }
 
 void throw_tiny_class_total(const char* function, Index c, double total,
@@ -176,8 +185,9 @@ void throw_pixel_sum_overflow(const char* function, const char* dtype) {
       dtype + ", which would make r = 0; rescale the target");
 }
 
-void check_class_totals(const char* function, const std::vector<double>& sum_q,
-                        double max_total, bool inputs_checked) {
+void check_class_totals(const char* function, const char* probs_name,
+                        const std::vector<double>& sum_q, double max_total,
+                        bool inputs_checked) {
   double total = 0.0;
   for (std::size_t c = 0; c < sum_q.size(); ++c) {
     if (std::isfinite(sum_q[c])) {
@@ -186,7 +196,8 @@ void check_class_totals(const char* function, const std::vector<double>& sum_q,
     }
     const std::string start = std::string(function) +
                               ": non-finite result: the total of class " +
-                              std::to_string(c) + " of probs over the batch ";
+                              std::to_string(c) + " of " + probs_name +
+                              " over the batch ";
     if (!inputs_checked) {
       throw invalid_argument(start + "is " + format_double(sum_q[c]) + "; " +
                              kUncheckedInputsHint);
@@ -203,6 +214,15 @@ void check_class_totals(const char* function, const std::vector<double>& sum_q,
         ", below which no term of the loss can overflow float64; scale "
         "probs down");
   }
+}
+
+void throw_loss_overflow(const char* function, const char* dtype) {
+  throw invalid_argument(
+      std::string(function) + ": non-finite result: the loss overflows " +
+      dtype +
+      " although it is finite in exact arithmetic. With eps = 0 it is formed "
+      "from log(r / q), and r / q = p / (s_c t) exceeds the range of " +
+      dtype + " where q is subnormal; use eps > 0");
 }
 
 void throw_gradient_overflow(const char* function, const char* dtype,
@@ -223,20 +243,25 @@ void throw_gradient_overflow(const char* function, const char* dtype,
 
 template <typename T>
 void throw_bad_value(const char* function, const char* tensor, const T* data,
-                     Index flat, const Geometry& geometry, const Shape& shape) {
+                     Index flat, const Geometry& geometry, const Shape& shape,
+                     const char* infinite_hint) {
   const T value = data[flat];
   const char* problem =
       std::isfinite(value) ? "negative input" : "non-finite input";
-  throw invalid_argument(std::string(function) + ": " + problem + ": " +
-                         tensor + " is " + format_double(value) + " at " +
-                         geometry.position(flat, shape) +
-                         (std::isfinite(value) ? ", expected >= 0" : ""));
+  std::string message = std::string(function) + ": " + problem + ": " +
+                        tensor + " is " + format_double(value) + " at " +
+                        geometry.position(flat, shape);
+  if (std::isfinite(value)) message += ", expected >= 0";
+  if (std::isinf(value) && infinite_hint != nullptr) {
+    message += std::string("; ") + infinite_hint;
+  }
+  throw invalid_argument(message);
 }
 
 template <typename T>
 void check_values(const char* function, const char* tensor, const T* data,
                   const Geometry& geometry, const Shape& shape, ValueRule rule,
-                  int threads) {
+                  int threads, const char* infinite_hint) {
   // Only the first bad value in memory order is reported, so the scan runs
   // over flat ranges of elements whatever the shape: the plan's "pixels"
   // are elements here.
@@ -249,19 +274,24 @@ void check_values(const char* function, const char* tensor, const T* data,
     QRLOSS_ISA::scan_row(data + begin, length, rule, begin, chunk, log);
   });
   const Index bad = log.first();
-  if (bad >= 0) throw_bad_value(function, tensor, data, bad, geometry, shape);
+  if (bad >= 0) {
+    throw_bad_value(function, tensor, data, bad, geometry, shape,
+                    infinite_hint);
+  }
 }
 
 template void throw_bad_value<float>(const char*, const char*, const float*,
-                                     Index, const Geometry&, const Shape&);
+                                     Index, const Geometry&, const Shape&,
+                                     const char*);
 template void throw_bad_value<double>(const char*, const char*, const double*,
-                                      Index, const Geometry&, const Shape&);
+                                      Index, const Geometry&, const Shape&,
+                                      const char*);
 template void check_values<float>(const char*, const char*, const float*,
                                   const Geometry&, const Shape&, ValueRule,
-                                  int);
+                                  int, const char*);
 template void check_values<double>(const char*, const char*, const double*,
                                    const Geometry&, const Shape&, ValueRule,
-                                   int);
+                                   int, const char*);
 
 }  // namespace detail
 }  // namespace qrloss

@@ -164,8 +164,9 @@ double rq_loss_grad_from_logits(const T* logits, const T* target, T* dL_dx,
 }
 
 template <typename T>
-double compute_loss(LossKind kind, const T* probs, const T* target, T* dL_dq,
-                    const Shape& shape, const LossOptions& options) {
+double compute_loss(LossKind kind, const T* probs, const T* target,
+                    detail::NonDeduced<T>* dL_dq, const Shape& shape,
+                    const LossOptions& options) {
   detail::check_loss_kind("compute_loss", kind);
   if (kind == LossKind::kQR) {
     return detail::run_qr<T, false>("compute_loss", probs, target, dL_dq,
@@ -177,7 +178,8 @@ double compute_loss(LossKind kind, const T* probs, const T* target, T* dL_dq,
 
 template <typename T>
 double compute_loss_from_logits(LossKind kind, const T* logits, const T* target,
-                                T* dL_dx, const Shape& shape,
+                                detail::NonDeduced<T>* dL_dx,
+                                const Shape& shape,
                                 const LossOptions& options) {
   detail::check_loss_kind("compute_loss_from_logits", kind);
   if (kind == LossKind::kQR) {

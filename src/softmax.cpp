@@ -33,9 +33,8 @@ void softmax(const T* logits, T* probs, const Shape& shape, int num_threads) {
   check_not_null(function, "logits", logits);
   check_not_null(function, "probs", probs);
   check_threads(function, num_threads);
-  const auto bytes =
-      static_cast<std::size_t>(geometry.num_elements()) * sizeof(T);
-  check_no_overlap(function, "probs", probs, "logits", logits, bytes);
+  check_no_overlap(function, "probs", probs, "logits", logits, shape,
+                   sizeof(T));
   run_softmax(function, logits, probs, geometry, shape,
               resolve_threads(num_threads));
 }
@@ -50,11 +49,11 @@ void softmax_vjp(const T* probs, const T* dL_dq, T* dL_dx, const Shape& shape,
   check_not_null(function, "dL_dq", dL_dq);
   check_not_null(function, "dL_dx", dL_dx);
   check_threads(function, num_threads);
-  const auto bytes =
-      static_cast<std::size_t>(geometry.num_elements()) * sizeof(T);
-  check_no_overlap(function, "dL_dx", dL_dx, "probs", probs, bytes);
+  check_no_overlap(function, "dL_dx", dL_dx, "probs", probs, shape,
+                   sizeof(T));
   if (dL_dx != dL_dq) {
-    check_no_overlap(function, "dL_dx", dL_dx, "dL_dq", dL_dq, bytes);
+    check_no_overlap(function, "dL_dx", dL_dx, "dL_dq", dL_dq, shape,
+                     sizeof(T));
   }
   run_softmax_vjp(function, probs, dL_dq, dL_dx, geometry, shape,
                   resolve_threads(num_threads));

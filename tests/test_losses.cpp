@@ -1590,7 +1590,9 @@ TEST_SUITE("losses") {
           [&] {
             call_entry(entry, input_data, target.data(), input_data, shape);
           },
-          overlaps_input);
+          overlaps_input + ", as each spans 120 elements for shape "
+                           "[2,5,3,4]; pass a separate output buffer, or fix "
+                           "the shape if the buffers hold fewer elements");
       testing::check_invalid_argument(
           [&] {
             call_entry(entry, input_data, target.data(), input_data + 3,
@@ -2375,6 +2377,16 @@ TEST_SUITE("losses") {
         },
         "qr_loss: non-finite result: the total of class 0 of probs over the "
         "batch is nan; " + hint);
+    // From logits the totals are those of softmax(logits), not of an input.
+    const std::vector<double> nan_logits = {
+        0.0, std::numeric_limits<double>::quiet_NaN(), 0.0, 0.0};
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::rq_loss_from_logits(nan_logits.data(), target.data(), shape,
+                                      unchecked);
+        },
+        "rq_loss_from_logits: non-finite result: the total of class 0 of "
+        "softmax(logits) over the batch is nan; " + hint);
     const std::vector<double> probs = {0.5, 0.5, 0.5, 0.5};
     const std::vector<double> negative_target = {0.5, -0.5, 0.5, 0.5};
     testing::check_invalid_argument(
@@ -2383,5 +2395,155 @@ TEST_SUITE("losses") {
                           unchecked);
         },
         "qr_loss: non-finite result: the loss is NaN; " + hint);
+  }
+  TEST_CASE_TEMPLATE("probs and logits routes agree", T, float, double) {
+    // softmax, then X_loss_grad, then softmax_vjp gives what the
+    // *_from_logits functions give, up to the rounding of the chain.
+    constexpr double kGradientUnits = 64.0;
+    const double unit = std::numeric_limits<T>::epsilon();
+    std::uint64_t seed = 300;
+    for (LossKind kind : {LossKind::kQR, LossKind::kRQ}) {
+      for (const Shape& shape : {Shape{2, 5, 3, 4}, Shape{3, 11, 40, 50}}) {
+        ++seed;
+        const std::string name = qrloss::loss_name(kind);
+        const std::string shape_text = qrloss::format_shape(shape);
+        CAPTURE(name);
+        CAPTURE(shape_text);
+        CAPTURE(seed);
+        const std::vector<T> logits = testing::random_logits<T>(shape, seed);
+        const std::vector<T> target =
+            testing::random_simplex<T>(shape, seed + 1);
+        const std::size_t count = logits.size();
+
+        std::vector<T> probs(count);
+        std::vector<T> dL_dq(count);
+        std::vector<T> chained(count);
+        qrloss::softmax(logits.data(), probs.data(), shape);
+        const double chained_loss = qrloss::compute_loss(
+            kind, probs.data(), target.data(), dL_dq.data(), shape);
+        qrloss::softmax_vjp(probs.data(), dL_dq.data(), chained.data(), shape);
+
+        std::vector<T> direct(count);
+        const double direct_loss = qrloss::compute_loss_from_logits(
+            kind, logits.data(), target.data(), direct.data(), shape);
+
+        CHECK(direct_loss == doctest::Approx(chained_loss).epsilon(1e-12));
+        const std::vector<double> direct64 = testing::to_double(direct);
+        CHECK(testing::max_error_over_max(chained, direct64) <=
+              kGradientUnits * unit);
+      }
+    }
+  }
+
+  TEST_CASE("compute_loss takes a literal nullptr") {
+    // T is deduced from probs and target alone, so no cast is needed.
+    const Shape shape{2, 3};
+    const std::vector<float> probs = {0.2f, 0.3f, 0.5f, 0.6f, 0.3f, 0.1f};
+    const std::vector<float> target = {0.1f, 0.1f, 0.8f, 0.7f, 0.2f, 0.1f};
+    const double loss = qrloss::compute_loss(LossKind::kRQ, probs.data(),
+                                             target.data(), nullptr, shape);
+    CHECK(testing::same_bits(
+        loss, qrloss::rq_loss(probs.data(), target.data(), shape)));
+    const double logits_loss = qrloss::compute_loss_from_logits(
+        LossKind::kQR, probs.data(), target.data(), nullptr, shape);
+    CHECK(testing::same_bits(logits_loss,
+                             qrloss::qr_loss_from_logits(
+                                 probs.data(), target.data(), shape)));
+  }
+
+  TEST_CASE("rq float overflow redone in double") {
+    // With eps = 0 and class 1's total between about 3e-39 and 1e-37, float
+    // arithmetic overflowed inside the kernel although the results fit:
+    // w = p / (s_1 t) beyond float's range made the loss inf, and the
+    // per-pixel part of dL/dq overflowed where the class term cancels it.
+    // Such calls are redone in double, so they equal the double call on
+    // the same values, with the gradient rounded to float.
+    const Shape shape{2, 3, 2, 2};
+    LossOptions options;
+    options.eps = 0.0;
+    for (double total : {3.5e-39, 1e-38, 4e-38}) {
+      CAPTURE(total);
+      std::vector<float> probs(24, 0.2f);
+      const std::vector<float> target(24, 0.5f);
+      for (int b = 0; b < 2; ++b) {
+        for (int n = 0; n < 4; ++n) {
+          probs[b * 12 + 4 + n] = static_cast<float>(total / 8.0);
+        }
+      }
+      const std::vector<double> probs64(probs.begin(), probs.end());
+      const std::vector<double> target64(target.begin(), target.end());
+      std::vector<double> grad64(24);
+      const double loss64 = qrloss::rq_loss_grad(
+          probs64.data(), target64.data(), grad64.data(), shape, options);
+
+      const double loss =
+          qrloss::rq_loss(probs.data(), target.data(), shape, options);
+      CHECK(std::isfinite(loss));
+      CHECK(loss == doctest::Approx(loss64).epsilon(1e-6));
+      std::vector<float> grad(24);
+      const double grad_loss = qrloss::rq_loss_grad(
+          probs.data(), target.data(), grad.data(), shape, options);
+      CHECK(testing::same_bits(grad_loss, loss64));
+      for (std::size_t i = 0; i < grad.size(); ++i) {
+        CAPTURE(i);
+        CHECK(testing::same_bits(static_cast<double>(grad[i]),
+                                 static_cast<double>(
+                                     static_cast<float>(grad64[i]))));
+      }
+    }
+
+    // From logits: class 1 sits 90 below the others, so float's softmax
+    // gives it subnormal probabilities and a total near 5e-39.
+    std::vector<float> logits(24, 0.0f);
+    for (int b = 0; b < 2; ++b) {
+      for (int n = 0; n < 4; ++n) logits[b * 12 + 4 + n] = -90.0f;
+    }
+    const std::vector<float> target(24, 0.5f);
+    const std::vector<double> logits64(logits.begin(), logits.end());
+    const std::vector<double> target64(target.begin(), target.end());
+    std::vector<double> grad64(24);
+    const double loss64 = qrloss::rq_loss_grad_from_logits(
+        logits64.data(), target64.data(), grad64.data(), shape, options);
+    std::vector<float> grad(24);
+    const double loss = qrloss::rq_loss_grad_from_logits(
+        logits.data(), target.data(), grad.data(), shape, options);
+    CHECK(testing::same_bits(loss, loss64));
+    for (std::size_t i = 0; i < grad.size(); ++i) {
+      CAPTURE(i);
+      CHECK(testing::same_bits(
+          static_cast<double>(grad[i]),
+          static_cast<double>(static_cast<float>(grad64[i]))));
+    }
+  }
+
+  TEST_CASE("rq eps zero loss overflow rejected") {
+    // Double has no wider type to redo the call in. Class 1's probs are
+    // subnormal (1.25e-309), so with eps = 0 the ratio r / q that the loss
+    // takes the log of exceeds double's range; the loss came out inf.
+    const Shape shape{2, 3, 2, 2};
+    std::vector<double> probs(24, 0.2);
+    const std::vector<double> target(24, 0.5);
+    for (int b = 0; b < 2; ++b) {
+      for (int n = 0; n < 4; ++n) probs[b * 12 + 4 + n] = 1.25e-309;
+    }
+    LossOptions options;
+    options.eps = 0.0;
+    const std::string message =
+        ": non-finite result: the loss overflows float64 although it is "
+        "finite in exact arithmetic. With eps = 0 it is formed from "
+        "log(r / q), and r / q = p / (s_c t) exceeds the range of float64 "
+        "where q is subnormal; use eps > 0";
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::rq_loss(probs.data(), target.data(), shape, options);
+        },
+        "rq_loss" + message);
+    std::vector<double> grad(24);
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::rq_loss_grad(probs.data(), target.data(), grad.data(),
+                               shape, options);
+        },
+        "rq_loss_grad" + message);
   }
 }

@@ -531,6 +531,37 @@ TEST_SUITE("softmax") {
                               shape);
         },
         "softmax_vjp: non-finite input: dL_dq is nan at (b=1,c=1,h=2,w=0)");
+
+    // An infinite dL_dq usually comes from QR with eps = 0, so the message
+    // names that cause, on the direct path, in place and on the few-pixel
+    // path.
+    const std::string hint =
+        "; qr_loss_grad with eps = 0 writes inf where target is 0 and -inf "
+        "for a class whose probs are all 0, so use eps > 0";
+    bad_grad[((1 * 5 + 1) * 3 + 2) * 4 + 0] =
+        std::numeric_limits<T>::infinity();
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::softmax_vjp(probs.data(), bad_grad.data(), dL_dx.data(),
+                              shape);
+        },
+        "softmax_vjp: non-finite input: dL_dq is inf at (b=1,c=1,h=2,w=0)" +
+            hint);
+    std::vector<T> in_place = bad_grad;
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::softmax_vjp(probs.data(), in_place.data(), in_place.data(),
+                              shape);
+        },
+        "softmax_vjp: non-finite input: dL_dq is inf at (b=1,c=1,h=2,w=0)" +
+            hint);
+    const Shape items{24, 5};
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::softmax_vjp(probs.data(), bad_grad.data(), dL_dx.data(),
+                              items);
+        },
+        "softmax_vjp: non-finite input: dL_dq is inf at (b=16,c=0)" + hint);
   }
 
   TEST_CASE_TEMPLATE("softmax bad logit across chunks", T, float, double) {

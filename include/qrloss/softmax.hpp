@@ -9,6 +9,10 @@
 
 namespace qrloss {
 
+// Every pointer below must address at least as many elements as `shape`
+// holds: a raw pointer carries no size, so a larger shape reads and writes
+// past the buffers.
+
 /// Computes probs = softmax(logits) over C for every pixel.
 ///   q_c = exp(x_c - m) / sum_k exp(x_k - m),  m = max_k x_k     [eq. 5]
 /// Subtracting the per-pixel max keeps exp from overflowing; the sum is

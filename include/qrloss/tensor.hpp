@@ -28,6 +28,15 @@ std::string format_shape(const Shape& shape);
 
 namespace detail {
 
+/// T in a parameter that takes no part in template argument deduction, so
+/// that a literal nullptr can stand for an optional T* output.
+template <typename T>
+struct NonDeducedImpl {
+  using type = T;
+};
+template <typename T>
+using NonDeduced = typename NonDeducedImpl<T>::type;
+
 /// True for Eigen::TensorMap types over row-major tensors of rank 2 or 4.
 template <typename Map, typename = void>
 struct is_loss_tensor_map : std::false_type {};

@@ -17,6 +17,10 @@
 
 namespace qrloss::detail::QRLOSS_ISA {
 
+/// The tensor whose class totals a kernel forms, as messages name it.
+template <bool kFromLogits>
+inline constexpr const char* kProbsName =
+    kFromLogits ? "softmax(logits)" : "probs";
 
 /// Everything validated about one call before the first parallel region.
 struct CallSetup {
@@ -54,10 +58,10 @@ CallSetup setup_call(const char* function, const T* input, const T* target,
                            std::to_string(options.num_threads));
   }
   if (grad != nullptr) {
-    const auto bytes =
-        static_cast<std::size_t>(call.geometry.num_elements()) * sizeof(T);
-    check_no_overlap(function, grad_name, grad, input_name, input, bytes);
-    check_no_overlap(function, grad_name, grad, "target", target, bytes);
+    check_no_overlap(function, grad_name, grad, input_name, input, shape,
+                     sizeof(T));
+    check_no_overlap(function, grad_name, grad, "target", target, shape,
+                     sizeof(T));
   }
   call.plan = plan_chunks(call.geometry.num_pixels());
   call.tile = tile_pixels(call.geometry.C);
@@ -656,7 +660,8 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
   ClassStats stats;
   stats.sum_q.assign(totals.begin(), totals.begin() + C);
   stats.num_pixels = static_cast<double>(geometry.num_pixels());
-  check_class_totals(function, stats.sum_q, kMaxQrTotal, call.check);
+  check_class_totals(function, kProbsName<kFromLogits>, stats.sum_q,
+                     kMaxQrTotal, call.check);
   if (!want_grad) {
     raise_if_bad(call, "target", target, bad_target);
     const double loss = qr_loss_value(call, stats.sum_q, totals.back());
@@ -742,6 +747,40 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
 
 template <typename T, bool kFromLogits>
 double rq_impl(const char* function, const T* input, const T* target, T* grad,
+               const Shape& shape, const LossOptions& options);
+
+/// Redoes a float RQ call in double and rounds dL/dq (or dL/dx) to float.
+/// Float arithmetic inside the kernel can overflow where the results fit:
+/// with eps = 0 and a class total near float's smallest normal value,
+/// w = p / (s_c t) or the per-pixel part of dL/dq exceeds float's range,
+/// and the class term -G_c / s_c cancels most of the latter. The copies
+/// take three double tensors; only calls whose float kernel overflowed
+/// come here. raise_overflow throws for an entry beyond float's range.
+template <bool kFromLogits, typename RaiseOverflow>
+double rq_in_double(const CallSetup& call, const float* input,
+                    const float* target, float* grad,
+                    const LossOptions& options,
+                    const RaiseOverflow& raise_overflow) {
+  const auto count = static_cast<std::size_t>(call.geometry.num_elements());
+  const std::vector<double> input64(input, input + count);
+  const std::vector<double> target64(target, target + count);
+  std::vector<double> grad64(grad != nullptr ? count : 0);
+  const double loss = rq_impl<double, kFromLogits>(
+      call.function, input64.data(), target64.data(),
+      grad != nullptr ? grad64.data() : nullptr, call.shape, options);
+  if (grad == nullptr) return loss;
+  Flag<float> bad = 0;
+  QRLOSS_SIMD_LOOP_FLAGS
+  for (std::size_t i = 0; i < count; ++i) {
+    grad[i] = static_cast<float>(grad64[i]);
+    bad |= invalid_flag(grad[i], ValueRule::kFinite);
+  }
+  if (bad != 0) raise_overflow();
+  return loss;
+}
+
+template <typename T, bool kFromLogits>
+double rq_impl(const char* function, const T* input, const T* target, T* grad,
                const Shape& shape, const LossOptions& options) {
   const CallSetup call = setup_call<T, kFromLogits>(function, input, target,
                                                     grad, shape, options);
@@ -796,7 +835,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   ClassStats stats;
   stats.sum_q = class_sums.total();
   stats.num_pixels = static_cast<double>(geometry.num_pixels());
-  check_class_totals(function, stats.sum_q,
+  check_class_totals(function, kProbsName<kFromLogits>, stats.sum_q,
                      std::numeric_limits<double>::infinity(), call.check);
   std::vector<double> inv_s(static_cast<std::size_t>(C));
   std::vector<T> inv_s_t(static_cast<std::size_t>(C));
@@ -1027,17 +1066,31 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
     throw_pixel_sum_overflow(function, dtype);
   }
 
-  const std::vector<double> totals = partial.total();
-  const double loss = call.inv_pixels * totals[0];
-  raise_if_nan(call, loss, "the loss");
-  if (!want_grad) return loss;
   const auto raise_overflow = [&] {
     throw_gradient_overflow(
         function, dtype, call.eps, smallest_class,
         stats.sum_q[static_cast<std::size_t>(smallest_class)]);
   };
+  // Where float arithmetic overflowed, a float call is redone in double
+  // (rq_in_double); a double call throws.
+  const auto redo_or_throw = [&](bool loss_overflowed) -> double {
+    if constexpr (std::is_same_v<T, float>) {
+      return rq_in_double<kFromLogits>(call, input, target, grad, options,
+                                       raise_overflow);
+    } else {
+      if (loss_overflowed) throw_loss_overflow(function, dtype);
+      throw_gradient_overflow(
+          function, dtype, call.eps, smallest_class,
+          stats.sum_q[static_cast<std::size_t>(smallest_class)]);
+    }
+  };
+  const std::vector<double> totals = partial.total();
+  const double loss = call.inv_pixels * totals[0];
+  raise_if_nan(call, loss, "the loss");
+  if (std::isinf(loss)) return redo_or_throw(true);
+  if (!want_grad) return loss;
   if (std::find(overflowed.begin(), overflowed.end(), 1) != overflowed.end()) {
-    raise_overflow();
+    return redo_or_throw(false);
   }
 
   // Pass 3: the batch-wide term -G_c / s_c, which is 0 for a clamped s_c.
@@ -1047,16 +1100,25 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
     const double G = call.inv_pixels * totals[k + 1];
     raise_if_nan(call, G, "a class term of the gradient");
     class_term[k] = s_clamped[k] ? T(0) : static_cast<T>(G * inv_s[k]);
-    if (!std::isfinite(class_term[k])) raise_overflow();
+    if (!std::isfinite(class_term[k])) return redo_or_throw(false);
   }
+  // The two parts of dL/dq can have opposite signs, so their sum is checked.
+  std::fill(overflowed.begin(), overflowed.end(), 0);
   run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
     Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
+    Flag<T> bad = 0;
     for_each_tile_of_chunk(call, chunk, [&](Index b, Index p0, Index n) {
       if constexpr (!kFromLogits) {
         for (Index c = 0; c < C; ++c) {
           T* out = grad + geometry.offset(b, c, p0);
           const T term = class_term[static_cast<std::size_t>(c)];
-          for (Index i = 0; i < n; ++i) out[i] -= term;
+          Flag<T> row_bad = 0;
+          QRLOSS_SIMD_LOOP_FLAGS
+          for (Index i = 0; i < n; ++i) {
+            out[i] -= term;
+            row_bad |= invalid_flag(out[i], ValueRule::kFinite);
+          }
+          bad |= row_bad;
         }
       } else {
         // eq. 7 is linear in g, so the class term is chained separately:
@@ -1077,11 +1139,21 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           T* out = grad + geometry.offset(b, c, p0);
           const T term = class_term[static_cast<std::size_t>(c)];
           prefetch_ahead(out, n);
-          for (Index i = 0; i < n; ++i) out[i] -= q[i] * (term - dot_t[i]);
+          Flag<T> row_bad = 0;
+          QRLOSS_SIMD_LOOP_FLAGS
+          for (Index i = 0; i < n; ++i) {
+            out[i] -= q[i] * (term - dot_t[i]);
+            row_bad |= invalid_flag(out[i], ValueRule::kFinite);
+          }
+          bad |= row_bad;
         }
       }
     });
+    if (bad != 0) overflowed[static_cast<std::size_t>(chunk)] = 1;
   });
+  if (std::find(overflowed.begin(), overflowed.end(), 1) != overflowed.end()) {
+    return redo_or_throw(false);
+  }
   return loss;
 }
 
@@ -1165,6 +1237,12 @@ void softmax_impl(const char* function, const T* logits, T* probs,
   }
 }
 
+/// Ends the error for an infinite dL_dq, whose usual source is QR with
+/// eps = 0.
+inline constexpr char kInfiniteGradientHint[] =
+    "qr_loss_grad with eps = 0 writes inf where target is 0 and -inf for a "
+    "class whose probs are all 0, so use eps > 0";
+
 /// Unless dL_dx is dL_dq, probs and dL_dq are checked in the VJP's first
 /// loop over them, so they are read once. In place, a bad value found late
 /// would leave dL_dq partly overwritten, so both are scanned first.
@@ -1190,7 +1268,7 @@ void softmax_vjp_impl(const char* function, const T* probs, const T* dL_dq,
     }
     if (!grad_ok) {
       check_values(function, "dL_dq", dL_dq, geometry, shape, grad_rule,
-                   threads);
+                   threads, kInfiniteGradientHint);
     }
     softmax_vjp_impl(function, packed.copy(0), packed.copy(1), packed.copy(2),
                      repacked_geometry(geometry), repacked_shape(geometry),
@@ -1202,7 +1280,7 @@ void softmax_vjp_impl(const char* function, const T* probs, const T* dL_dq,
     check_values(function, "probs", probs, geometry, shape,
                  ValueRule::kNonNegative, threads);
     check_values(function, "dL_dq", dL_dq, geometry, shape,
-                 ValueRule::kFinite, threads);
+                 ValueRule::kFinite, threads, kInfiniteGradientHint);
   }
   const ChunkPlan plan = plan_chunks(geometry.num_pixels());
   BadIndexLog bad_probs(plan.num_chunks);
@@ -1236,7 +1314,7 @@ void softmax_vjp_impl(const char* function, const T* probs, const T* dL_dq,
   const Index first_bad_grad = bad_grad.first();
   if (first_bad_grad >= 0) {
     throw_bad_value(function, "dL_dq", dL_dq, first_bad_grad, geometry,
-                    shape);
+                    shape, kInfiniteGradientHint);
   }
   if (std::find(overflowed.begin(), overflowed.end(), 1) != overflowed.end()) {
     throw invalid_argument(

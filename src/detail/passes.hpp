@@ -74,10 +74,12 @@ void check_eps(const char* function, double eps);
 /// Throws if `data` is null.
 void check_not_null(const char* function, const char* tensor, const void* data);
 
-/// Throws if the byte ranges of `output` and `input` overlap.
+/// Throws if `output` and `input`, each taken as the element count of a
+/// validated `shape`, overlap.
 void check_no_overlap(const char* function, const char* output_name,
                       const void* output, const char* input_name,
-                      const void* input, std::size_t bytes);
+                      const void* input, const Shape& shape,
+                      std::size_t element_size);
 
 /// Throws the error for RQ with eps = 0 where class c's total probability
 /// is so small that 1 / s_c overflows `dtype` (float32 or float64).
@@ -98,9 +100,11 @@ inline constexpr char kUncheckedInputsHint[] =
 /// Throws unless every class total S_c is finite (float64 probs near the
 /// largest double can overflow it) and their sum is at most max_total.
 /// Without inputs_checked (check_finite = false) the message states that
-/// unchecked inputs can be the cause.
-void check_class_totals(const char* function, const std::vector<double>& sum_q,
-                        double max_total, bool inputs_checked);
+/// unchecked inputs can be the cause. probs_name is the tensor whose class
+/// totals these are: "probs", or "softmax(logits)" from logits.
+void check_class_totals(const char* function, const char* probs_name,
+                        const std::vector<double>& sum_q, double max_total,
+                        bool inputs_checked);
 
 /// Throws the error for RQ where class c's total probability is so large
 /// that 1 / s_c lies below the normal range of `dtype`.
@@ -111,6 +115,10 @@ void check_class_totals(const char* function, const std::vector<double>& sum_q,
 /// overflows `dtype`.
 [[noreturn]] void throw_pixel_sum_overflow(const char* function,
                                            const char* dtype);
+
+/// Throws the error for an RQ loss that overflows `dtype` with eps = 0,
+/// where r / q = p / (s_c t) exceeds the type's range at a subnormal q.
+[[noreturn]] void throw_loss_overflow(const char* function, const char* dtype);
 
 /// Throws the error for an RQ gradient entry that overflows `dtype` while
 /// the loss is finite. c and total name the class of smallest total.
@@ -223,16 +231,19 @@ class BadIndexLog {
 };
 
 /// Throws the error for a bad value found by a scan, naming the tensor, the
-/// value and its position.
+/// value and its position; infinite_hint, if given, ends the message for an
+/// infinite value.
 template <typename T>
 [[noreturn]] void throw_bad_value(const char* function, const char* tensor,
                                   const T* data, Index flat,
-                                  const Geometry& geometry, const Shape& shape);
+                                  const Geometry& geometry, const Shape& shape,
+                                  const char* infinite_hint = nullptr);
 
-/// Scans a whole tensor serially (used where no pass reads it first).
+/// Scans a whole tensor (used where no pass reads it first) and throws
+/// through throw_bad_value.
 template <typename T>
 void check_values(const char* function, const char* tensor, const T* data,
                   const Geometry& geometry, const Shape& shape, ValueRule rule,
-                  int threads);
+                  int threads, const char* infinite_hint = nullptr);
 
 }  // namespace qrloss::detail
