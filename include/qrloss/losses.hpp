@@ -63,9 +63,10 @@ inline constexpr double kPixelSumFloor = 1e-12;
 
 /// Instruction set of the loss kernels that run in this process: "baseline"
 /// (x86-64 SSE2), "avx2" or "avx512". The default build compiles all three
-/// and picks the best the CPU supports at the first call; the environment
-/// variable QRLOSS_ISA=baseline|avx2|avx512 lowers that choice, for
-/// comparisons. Results can differ in the last bits between instruction
+/// and picks the best the CPU supports at the first call. The environment
+/// variable QRLOSS_ISA=baseline|avx2|avx512, read once at that call, sets
+/// a maximum for that choice, for comparisons; a set the CPU lacks is never
+/// used. Results can differ in the last bits between instruction
 /// sets (their vector log and exp differ), never between thread counts.
 /// @throws qrloss::invalid_argument if QRLOSS_ISA is set to another value.
 const char* kernel_isa();
@@ -75,7 +76,8 @@ struct LossOptions {
   /// Added inside every log; must be 0 or in [kMinPositiveEps, kMaxEps].
   /// Per-element sums such as p + eps are formed in the input type, so in
   /// float an eps below the resolution of p has no effect there (QR of
-  /// q = p = 0.5 is about 2e-8 in float and 0 in double).
+  /// q = p = (0.5, 0.5) over two classes is about 2e-8 in float and 0 in
+/// double).
   double eps = kDefaultEps;
   /// Reject NaN, infinite and negative input values with an error naming the
   /// first bad index. When false, such values give unspecified results.
@@ -108,8 +110,8 @@ double qr_loss(const T* probs, const T* target, const Shape& shape,
 ///                      - log(p_c + eps))                        [eq. 2]
 /// With eps = 0, a class with qbar_c = 0 gets -inf, and an entry with
 /// p = 0 gets +inf (the loss is +inf for any q > 0 there).
-/// Cost: a reduction pass over probs and target, then a pass that reads
-/// target and writes dL_dq.
+/// Cost: a pass over probs for the class means, then a pass that reads
+/// probs and target and writes dL_dq.
 template <typename T>
 double qr_loss_grad(const T* probs, const T* target, T* dL_dq,
                     const Shape& shape, const LossOptions& options = {});

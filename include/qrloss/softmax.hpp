@@ -27,6 +27,9 @@ void softmax(const T* logits, T* probs, const Shape& shape,
 
 /// Chains dL/dq back to logits without forming the C x C Jacobian.
 ///   dL/dx_c = q_c * (g_c - sum_k g_k q_k),  g = dL/dq          [eq. 7]
+/// probs is used as given: its rows need not sum to 1. With rows that do,
+/// |dL/dx_c| = q_c (1 - q_c) |g_c - m| <= max |dL/dq| / 2, where m is the
+/// q-weighted mean of the other classes' g.
 /// Shapes: probs, dL_dq and dL_dx all `shape`. dL_dx may be the same buffer
 /// as dL_dq (each pixel is read fully before it is written) but must not
 /// overlap probs or overlap dL_dq partially. Cost O(B*C*H*W).
