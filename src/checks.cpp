@@ -167,14 +167,11 @@ void throw_tiny_class_total(const char* function, Index c, double total,
 
 void throw_large_class_total(const char* function, Index c, double total,
                              const char* dtype) {
-  const std::string advice = std::string(dtype) == "float32"
-                                 ? "scale probs down or use float64"
-                                 : "scale probs down";
   throw invalid_argument(
       std::string(function) + ": probs too large: class " + std::to_string(c) +
       " has total probability " + format_double(total) +
       " over the batch, so 1 / s_c lies below the normal range of " + dtype +
-      " and z = q / s_c would lose digits; " + advice);
+      " and z = q / s_c would lose digits; scale probs down");
 }
 
 void throw_pixel_sum_overflow(const char* function, const char* dtype) {

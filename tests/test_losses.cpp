@@ -348,6 +348,32 @@ void check_rq_eps_zero_rejects(const std::vector<T>& probs,
   CHECK_FALSE(testing::any_nan(grad));
 }
 
+/// Checks that float RQ on probs and target, which are beyond float's
+/// arithmetic and so redone in double, equals the double call on the same
+/// values: the same loss bits, and the double gradient rounded to float.
+void check_float_rq_as_double(const std::vector<float>& probs,
+                              const std::vector<float>& target,
+                              const Shape& shape,
+                              const LossOptions& options) {
+  const std::vector<double> probs64(probs.begin(), probs.end());
+  const std::vector<double> target64(target.begin(), target.end());
+  std::vector<double> grad64(probs.size());
+  const double loss64 = qrloss::rq_loss_grad(probs64.data(), target64.data(),
+                                             grad64.data(), shape, options);
+  CHECK(testing::same_bits(
+      qrloss::rq_loss(probs.data(), target.data(), shape, options), loss64));
+  std::vector<float> grad(probs.size());
+  CHECK(testing::same_bits(qrloss::rq_loss_grad(probs.data(), target.data(),
+                                                grad.data(), shape, options),
+                           loss64));
+  for (std::size_t i = 0; i < grad.size(); ++i) {
+    CAPTURE(i);
+    CHECK(testing::same_bits(
+        static_cast<double>(grad[i]),
+        static_cast<double>(static_cast<float>(grad64[i]))));
+  }
+}
+
 }  // namespace
 
 TEST_SUITE("losses") {
@@ -1970,20 +1996,40 @@ TEST_SUITE("losses") {
         "undefined loss: class 2 has zero total probability");
   }
 
-  TEST_CASE_TEMPLATE("rq eps zero tiny class total", T, float, double) {
-    // Class 1's total is positive but so small that 1 / s_1 overflows T
-    // (4e-310 in double; 1e-40, a float subnormal, in float). The kernel
-    // multiplies by 1 / s_c, so it must throw rather than return NaN or
-    // a loss of 0.
-    const T tiny = sizeof(T) == 8 ? T(4e-310) : T(1e-40);
+  TEST_CASE("rq eps zero tiny class total") {
+    // Class 1's total is positive but so small that 1 / s_1 overflows the
+    // type: 4e-310 in double, 1e-40 (a subnormal) in float. Double must
+    // throw rather than return NaN or a loss of 0. Float redoes the call
+    // in double: the loss is that of double, and the gradient, about 1e40
+    // at class 1, overflows float.
     const Shape shape{3, 3};
-    const std::vector<T> probs = {T(0.5), tiny, T(0.5), T(0.3), 0,
-                                  T(0.7), T(0.2), 0,    T(0.8)};
-    const std::vector<T> target = {T(0.2), T(0.5), T(0.3), T(0.1), T(0.6),
-                                   T(0.3), T(0.3), T(0.3), T(0.4)};
+    const std::vector<double> probs = {0.5, 4e-310, 0.5, 0.3, 0.0,
+                                       0.7, 0.2,    0.0, 0.8};
+    const std::vector<double> target = {0.2, 0.5, 0.3, 0.1, 0.6,
+                                        0.3, 0.3, 0.3, 0.4};
     check_rq_eps_zero_rejects(probs, target, shape,
                               "non-finite result: class 1 has total "
                               "probability ");
+
+    std::vector<float> probs32(probs.begin(), probs.end());
+    probs32[1] = 1e-40f;
+    const std::vector<float> target32(target.begin(), target.end());
+    const std::vector<double> probs64(probs32.begin(), probs32.end());
+    const std::vector<double> target64(target32.begin(), target32.end());
+    LossOptions options;
+    options.eps = 0.0;
+    CHECK(testing::same_bits(
+        qrloss::rq_loss(probs32.data(), target32.data(), shape, options),
+        qrloss::rq_loss(probs64.data(), target64.data(), shape, options)));
+    std::vector<float> grad(9);
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::rq_loss_grad(probs32.data(), target32.data(), grad.data(),
+                               shape, options);
+        },
+        "rq_loss_grad: non-finite result: the gradient overflows float32 "
+        "although the loss is finite; with eps = 0 it scales with 1 / s_c, "
+        "and class 1 has total probability ");
   }
 
   TEST_CASE("rq eps zero gradient overflow") {
@@ -2124,17 +2170,16 @@ TEST_SUITE("losses") {
     CHECK(std::isfinite(testing::max_abs(grad)));
   }
 
-  TEST_CASE_TEMPLATE("rq huge class total rejected", T, float, double) {
-    // Above about 8.5e37 in float (4.5e307 in double) 1 / s_c is subnormal,
-    // and z = q / s_c lost digits: float RQ with class totals of 6.5e40 had
-    // a loss 9e-6 off (relative) and gradient entries 0.04 % off, without
-    // an error.
-    const bool is_float = sizeof(T) == 4;
-    const T big = is_float ? T(1e38) : T(1e308);
+  TEST_CASE("rq huge class total") {
+    // Above about 4.5e307 in double 1 / s_c is subnormal, so z = q / s_c
+    // would lose digits, and double throws. In float that bound is 8.5e37:
+    // class totals of 6.5e40 gave a loss 9e-6 off (relative) and gradient
+    // entries 0.04 % off, without an error. Float now redoes such a call
+    // in double.
     const Shape shape{2, 2};
-    const std::vector<T> probs = {big, T(1), T(0.5), T(1)};
-    const std::vector<T> target = {T(0.3), T(0.7), T(0.6), T(0.4)};
-    std::vector<T> grad(4);
+    const std::vector<double> probs = {1e308, 1.0, 0.5, 1.0};
+    const std::vector<double> target = {0.3, 0.7, 0.6, 0.4};
+    std::vector<double> grad(4);
     testing::check_invalid_argument(
         [&] {
           qrloss::rq_loss_grad(probs.data(), target.data(), grad.data(),
@@ -2143,50 +2188,54 @@ TEST_SUITE("losses") {
         "rq_loss_grad: probs too large: class 0 has total probability ");
     testing::check_invalid_argument(
         [&] { qrloss::rq_loss(probs.data(), target.data(), shape); },
-        std::string("lies below the normal range of ") +
-            (is_float ? "float32 and z = q / s_c would lose digits; scale "
-                        "probs down or use float64"
-                      : "float64 and z = q / s_c would lose digits; scale "
-                        "probs down"));
+        "lies below the normal range of float64 and z = q / s_c would lose "
+        "digits; scale probs down");
 
-    // Just inside the normal range the float result matches double.
-    const T inside = is_float ? T(4e37) : T(4e307);
-    const std::vector<T> fits = {inside, T(1), T(0.5), T(1)};
+    const std::vector<float> target32(target.begin(), target.end());
+    for (float big : {1e38f, 3e38f}) {
+      CAPTURE(big);
+      check_float_rq_as_double({big, 1.0f, 0.5f, 1.0f}, target32, shape, {});
+    }
+
+    // Just inside the normal range float computes in float and matches
+    // double to float precision.
+    const std::vector<float> fits = {4e37f, 1.0f, 0.5f, 1.0f};
     const std::vector<double> fits64(fits.begin(), fits.end());
-    const std::vector<double> target64(target.begin(), target.end());
+    const std::vector<double> target64(target32.begin(), target32.end());
+    std::vector<float> grad32(4);
     std::vector<double> grad64(4);
-    const double loss =
-        qrloss::rq_loss_grad(fits.data(), target.data(), grad.data(), shape);
+    const double loss = qrloss::rq_loss_grad(fits.data(), target32.data(),
+                                             grad32.data(), shape);
     const double loss64 = qrloss::rq_loss_grad(fits64.data(), target64.data(),
                                                grad64.data(), shape);
     CHECK(loss == doctest::Approx(loss64).epsilon(1e-6));
-    CHECK(testing::max_error_over_max(grad, grad64) <= 1e-5);
+    CHECK(testing::max_error_over_max(grad32, grad64) <= 1e-5);
   }
 
-  TEST_CASE_TEMPLATE("rq huge target pixel sum rejected", T, float, double) {
+  TEST_CASE("rq huge target pixel sum") {
     // At pixel 0, z = q / s_c is near 1 for both classes, so the pixel sum
-    // of z p exceeds T's range. r = u / t then came out 0, and float RQ
-    // without a gradient returned 1e-28 instead of 0.028.
-    const bool is_float = sizeof(T) == 4;
-    const T big = is_float ? T(3.4e38) : T(1.7e308);
+    // of z p exceeds the type's range. r = u / t then came out 0, and float
+    // RQ without a gradient returned 1e-28 instead of 0.028. Double throws;
+    // float redoes the call in double.
     const Shape shape{2, 2};
-    const std::vector<T> probs = {T(0.5), T(0.5), T(1e-30), T(1e-30)};
-    const std::vector<T> target = {big, big / 2, T(0.5), T(0.5)};
+    const std::vector<double> probs = {0.5, 0.5, 1e-30, 1e-30};
+    const std::vector<double> target = {1.7e308, 0.85e308, 0.5, 0.5};
     const std::string message =
-        std::string(": target too large: at some pixel the sum over classes "
-                    "of q p / s_c overflows ") +
-        (is_float ? "float32" : "float64") +
-        ", which would make r = 0; rescale the target";
+        ": target too large: at some pixel the sum over classes of q p / s_c "
+        "overflows float64, which would make r = 0; rescale the target";
     testing::check_invalid_argument(
         [&] { qrloss::rq_loss(probs.data(), target.data(), shape); },
         "rq_loss" + message);
-    std::vector<T> grad(4);
+    std::vector<double> grad(4);
     testing::check_invalid_argument(
         [&] {
           qrloss::rq_loss_grad(probs.data(), target.data(), grad.data(),
                                shape);
         },
         "rq_loss_grad" + message);
+
+    check_float_rq_as_double({0.5f, 0.5f, 1e-30f, 1e-30f},
+                             {3.4e38f, 1.7e38f, 0.5f, 0.5f}, shape, {});
   }
 
   TEST_CASE_TEMPLATE("qr eps zero zero target", T, float, double) {

@@ -34,9 +34,10 @@
 ///   input's before the target's, wherever they lie in memory). It is
 ///   thrown for probs so large that a result would overflow, too. That
 ///   means a class total over the batch beyond float64, a QR batch total
-///   above 1e300, or an RQ class total above about 8.5e37 in float (4.5e307
-///   in double), where 1 / s_c would be subnormal. RQ also throws for a
-///   target so large that a pixel's sum of q p / s_c overflows T.
+///   above 1e300, or an RQ class total in double above about 4.5e307,
+///   where 1 / s_c would be subnormal. RQ in double also throws for a
+///   target so large that a pixel's sum of q p / s_c overflows. Float RQ
+///   redoes such calls in double instead (see rq_loss).
 /// Derivations and the pass structure: docs/derivations.md.
 
 #include <cstdint>
@@ -122,11 +123,16 @@ double qr_loss_grad(const T* probs, const T* target, T* dL_dq,
 ///   L = (1/N) sum_pixels sum_c r_c * (log(r_c + eps) - log(q_c + eps))
 ///                                                               [eq. 3]
 /// With eps = 0 every class must have a positive sum over the batch, since
-/// z = q / s_c would be 0/0, and one large enough that 1 / s_c fits in T
-/// (above about 2.9e-39 in float, 5.6e-309 in double); an error is thrown
-/// otherwise. With eps = 0 the loss takes log(r / q), and r / q overflows
-/// T where q is subnormal and r is not small; float then redoes the call
-/// in double, and double throws.
+/// z = q / s_c would be 0/0; an error is thrown otherwise.
+/// Where float cannot hold an intermediate, a float call is redone in
+/// double, on double copies of the tensors, and the results are rounded
+/// to float. That covers 1 / s_c beyond float's normal range (a class
+/// total below about 2.9e-39 with eps = 0, or above about 8.5e37), a
+/// pixel sum of q p / s_c beyond float's range, and, with eps = 0, the
+/// ratio r / q whose log the loss takes (r / q overflows where q is
+/// subnormal). In double these cases throw: below about 5.6e-309, above
+/// about 4.5e307, for a pixel sum beyond double's range, and for an
+/// infinite loss.
 template <typename T>
 double rq_loss(const T* probs, const T* target, const Shape& shape,
                const LossOptions& options = {});
@@ -142,8 +148,9 @@ double rq_loss(const T* probs, const T* target, const Shape& shape,
 /// writes the per-pixel part of the gradient, and a pass over dL_dq.
 /// w_c can overflow T (a tiny s_c with eps = 0, or a huge target with a
 /// tiny eps). Where float arithmetic overflows although the results fit,
-/// a float call is redone in double, at the cost of three double copies of
-/// the tensors. An entry of dL/dq beyond T's range throws.
+/// a float call is redone in double, as for rq_loss, at the cost of three
+/// double copies of the tensors. An entry of dL/dq beyond T's range
+/// throws.
 template <typename T>
 double rq_loss_grad(const T* probs, const T* target, T* dL_dq,
                     const Shape& shape, const LossOptions& options = {});

@@ -842,6 +842,24 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   std::vector<char> s_clamped(static_cast<std::size_t>(C));
   const char* dtype = type_name<T>();
   Index smallest_class = 0;  // named when the gradient overflows
+  const auto raise_overflow = [&] {
+    throw_gradient_overflow(
+        function, dtype, call.eps, smallest_class,
+        stats.sum_q[static_cast<std::size_t>(smallest_class)]);
+  };
+  // Where float cannot represent an intermediate, a float call is redone
+  // in double (rq_in_double). A double call runs `fail`, which throws the
+  // error for the case; the logic_error below is never reached.
+  const auto redo_or_throw = [&](const auto& fail) -> double {
+    if constexpr (std::is_same_v<T, float>) {
+      return rq_in_double<kFromLogits>(call, input, target, grad, options,
+                                       raise_overflow);
+    } else {
+      fail();
+      throw std::logic_error("rq_impl: an error callback returned");
+    }
+  };
+  bool beyond_float = false;  // 1 / s_c overflows or is subnormal in float
   for (Index c = 0; c < C; ++c) {
     const double S = stats.sum_q[static_cast<std::size_t>(c)];
     if (S < stats.sum_q[static_cast<std::size_t>(smallest_class)]) {
@@ -855,17 +873,27 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           "z = q / s_c is 0/0; use eps > 0");
     }
     const double s = std::max(S, call.eps);
-    // With eps > 0, s >= 1e-20 and 1 / s fits in float.
-    if (!std::isfinite(static_cast<T>(1.0 / s))) {
-      throw_tiny_class_total(function, c, S, dtype);
-    }
-    // A subnormal 1 / s has fewer digits: z = q / s_c would lose them.
-    if (static_cast<T>(1.0 / s) < std::numeric_limits<T>::min()) {
-      throw_large_class_total(function, c, S, dtype);
+    // With eps > 0, s >= 1e-20 and 1 / s fits in float. A subnormal 1 / s
+    // has fewer digits, so z = q / s_c would lose them.
+    const T inverse = static_cast<T>(1.0 / s);
+    if (!std::isfinite(inverse) || inverse < std::numeric_limits<T>::min()) {
+      if constexpr (std::is_same_v<T, float>) {
+        beyond_float = true;
+      } else if (!std::isfinite(inverse)) {
+        throw_tiny_class_total(function, c, S, dtype);
+      } else {
+        throw_large_class_total(function, c, S, dtype);
+      }
     }
     s_clamped[static_cast<std::size_t>(c)] = S < call.eps;
     inv_s[static_cast<std::size_t>(c)] = 1.0 / s;
-    inv_s_t[static_cast<std::size_t>(c)] = static_cast<T>(1.0 / s);
+    inv_s_t[static_cast<std::size_t>(c)] = inverse;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (beyond_float) {
+      return rq_in_double<kFromLogits>(call, input, target, grad, options,
+                                       raise_overflow);
+    }
   }
 
   // Pass 2: per pixel t, r, a and abar; the loss and G_c; the per-pixel
@@ -1063,34 +1091,18 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   raise_if_bad(call, "target", target, bad_target);
   if (std::find(sum_overflowed.begin(), sum_overflowed.end(), 1) !=
       sum_overflowed.end()) {
-    throw_pixel_sum_overflow(function, dtype);
+    return redo_or_throw([&] { throw_pixel_sum_overflow(function, dtype); });
   }
 
-  const auto raise_overflow = [&] {
-    throw_gradient_overflow(
-        function, dtype, call.eps, smallest_class,
-        stats.sum_q[static_cast<std::size_t>(smallest_class)]);
-  };
-  // Where float arithmetic overflowed, a float call is redone in double
-  // (rq_in_double); a double call throws.
-  const auto redo_or_throw = [&](bool loss_overflowed) -> double {
-    if constexpr (std::is_same_v<T, float>) {
-      return rq_in_double<kFromLogits>(call, input, target, grad, options,
-                                       raise_overflow);
-    } else {
-      if (loss_overflowed) throw_loss_overflow(function, dtype);
-      throw_gradient_overflow(
-          function, dtype, call.eps, smallest_class,
-          stats.sum_q[static_cast<std::size_t>(smallest_class)]);
-    }
-  };
   const std::vector<double> totals = partial.total();
   const double loss = call.inv_pixels * totals[0];
   raise_if_nan(call, loss, "the loss");
-  if (std::isinf(loss)) return redo_or_throw(true);
+  if (std::isinf(loss)) {
+    return redo_or_throw([&] { throw_loss_overflow(function, dtype); });
+  }
   if (!want_grad) return loss;
   if (std::find(overflowed.begin(), overflowed.end(), 1) != overflowed.end()) {
-    return redo_or_throw(false);
+    return redo_or_throw(raise_overflow);
   }
 
   // Pass 3: the batch-wide term -G_c / s_c, which is 0 for a clamped s_c.
@@ -1100,7 +1112,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
     const double G = call.inv_pixels * totals[k + 1];
     raise_if_nan(call, G, "a class term of the gradient");
     class_term[k] = s_clamped[k] ? T(0) : static_cast<T>(G * inv_s[k]);
-    if (!std::isfinite(class_term[k])) return redo_or_throw(false);
+    if (!std::isfinite(class_term[k])) return redo_or_throw(raise_overflow);
   }
   // The two parts of dL/dq can have opposite signs, so their sum is checked.
   std::fill(overflowed.begin(), overflowed.end(), 0);
@@ -1152,7 +1164,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
     if (bad != 0) overflowed[static_cast<std::size_t>(chunk)] = 1;
   });
   if (std::find(overflowed.begin(), overflowed.end(), 1) != overflowed.end()) {
-    return redo_or_throw(false);
+    return redo_or_throw(raise_overflow);
   }
   return loss;
 }

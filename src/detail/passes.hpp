@@ -82,7 +82,8 @@ void check_no_overlap(const char* function, const char* output_name,
                       std::size_t element_size);
 
 /// Throws the error for RQ with eps = 0 where class c's total probability
-/// is so small that 1 / s_c overflows `dtype` (float32 or float64).
+/// is so small that 1 / s_c overflows `dtype` (float64: a float call is
+/// redone in double instead).
 [[noreturn]] void throw_tiny_class_total(const char* function, Index c,
                                          double total, const char* dtype);
 
@@ -107,12 +108,13 @@ void check_class_totals(const char* function, const char* probs_name,
                         bool inputs_checked);
 
 /// Throws the error for RQ where class c's total probability is so large
-/// that 1 / s_c lies below the normal range of `dtype`.
+/// that 1 / s_c lies below the normal range of `dtype` (float64, as for
+/// throw_tiny_class_total).
 [[noreturn]] void throw_large_class_total(const char* function, Index c,
                                           double total, const char* dtype);
 
 /// Throws the error for RQ where a pixel's sum over classes of q p / s_c
-/// overflows `dtype`.
+/// overflows `dtype` (float64, as for throw_tiny_class_total).
 [[noreturn]] void throw_pixel_sum_overflow(const char* function,
                                            const char* dtype);
 
