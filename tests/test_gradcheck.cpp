@@ -263,6 +263,48 @@ TEST_SUITE("gradcheck") {
     CHECK(x == x_copy);
   }
 
+  TEST_CASE("float gradient passes float tolerances") {
+    // gradcheck.hpp suggests rtol = 1e-4 and atol_scale = 1e-5 for a float
+    // analytic gradient against double differences. The float RQ and QR
+    // gradients from logits must pass with them, and a 1 % error at one
+    // entry must still fail.
+    const Shape shape{2, 5, 3, 4};
+    const std::vector<float> logits = testing::random_logits<float>(shape, 90);
+    const std::vector<float> target =
+        testing::random_simplex<float>(shape, 91);
+    const std::vector<double> target64(target.begin(), target.end());
+    GradientCheckOptions options;
+    options.rtol = 1e-4;
+    options.atol_scale = 1e-5;
+    options.shape = shape;
+    for (qrloss::LossKind kind : {qrloss::LossKind::kQR,
+                                  qrloss::LossKind::kRQ}) {
+      CAPTURE(qrloss::loss_name(kind));
+      std::vector<float> grad(logits.size());
+      qrloss::compute_loss_from_logits(kind, logits.data(), target.data(),
+                                       grad.data(), shape);
+      const auto f = [&](const Eigen::VectorXd& x) {
+        return qrloss::compute_loss_from_logits<double>(
+            kind, x.data(), target64.data(), nullptr, shape);
+      };
+      Eigen::VectorXd x(static_cast<Eigen::Index>(logits.size()));
+      Eigen::VectorXd analytic(x.size());
+      for (Eigen::Index i = 0; i < x.size(); ++i) {
+        x[i] = logits[static_cast<std::size_t>(i)];
+        analytic[i] = grad[static_cast<std::size_t>(i)];
+      }
+      const GradientCheckReport report =
+          qrloss::check_gradient(f, x, analytic, options);
+      CHECK_MESSAGE(report.passed, report.summary());
+
+      analytic[37] *= 1.01;
+      const GradientCheckReport off =
+          qrloss::check_gradient(f, x, analytic, options);
+      CHECK_FALSE(off.passed);
+      CHECK(off.worst_index == 37);
+    }
+  }
+
   TEST_CASE("bad input rejected") {
     const Eigen::VectorXd x = random_point(10, 580);
     const Eigen::VectorXd analytic = chain_gradient(x);

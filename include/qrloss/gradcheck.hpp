@@ -11,7 +11,11 @@
 
 namespace qrloss {
 
-/// Settings of check_gradient.
+/// Settings of check_gradient. The defaults suit a double analytic
+/// gradient. For a float one (computed in float, compared with the double
+/// differences), rtol = 1e-4 and atol_scale = 1e-5 leave room for float's
+/// rounding (6e-8) grown by sums over C and the error of log and exp
+/// (test_gradcheck.cpp checks the float loss gradients with them).
 struct GradientCheckOptions {
   /// Relative step: h_i = step_scale * max(1, |x_i|). The default,
   /// cbrt(DBL_EPSILON) ~ 6e-6, balances truncation error (~h^2) against
