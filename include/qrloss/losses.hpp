@@ -214,10 +214,11 @@ double compute_loss_from_logits(LossKind kind, const T* logits, const T* target,
 #define QRLOSS_TENSOR_MAP_OVERLOADS_(name)                                     \
   template <typename ProbsMap, typename TargetMap,                             \
             typename = std::enable_if_t<                                       \
-                detail::is_loss_tensor_map<ProbsMap>::value &&                 \
-                detail::is_loss_tensor_map<TargetMap>::value>>                 \
+                detail::is_tensor_map<ProbsMap>::value &&                      \
+                detail::is_tensor_map<TargetMap>::value>>                      \
   double name(const ProbsMap& first, const TargetMap& target,                  \
               const LossOptions& options = {}) {                               \
+    detail::check_loss_maps<ProbsMap, TargetMap>();                            \
     detail::check_same_shape(#name, "target", detail::shape_of(first),         \
                              detail::shape_of(target));                        \
     return name(first.data(), target.data(), detail::shape_of(first),          \
@@ -225,11 +226,12 @@ double compute_loss_from_logits(LossKind kind, const T* logits, const T* target,
   }                                                                            \
   template <typename ProbsMap, typename TargetMap, typename GradMap,           \
             typename = std::enable_if_t<                                       \
-                detail::is_loss_tensor_map<ProbsMap>::value &&                 \
-                detail::is_loss_tensor_map<TargetMap>::value &&                \
-                detail::is_loss_tensor_map<GradMap>::value>>                   \
+                detail::is_tensor_map<ProbsMap>::value &&                      \
+                detail::is_tensor_map<TargetMap>::value &&                     \
+                detail::is_tensor_map<GradMap>::value>>                        \
   double name##_grad(const ProbsMap& first, const TargetMap& target,           \
                      GradMap grad, const LossOptions& options = {}) {          \
+    detail::check_loss_maps<ProbsMap, TargetMap, GradMap>();                   \
     detail::check_same_shape(#name "_grad", "target", detail::shape_of(first), \
                              detail::shape_of(target));                        \
     detail::check_same_shape(#name "_grad", "gradient",                        \
@@ -252,11 +254,12 @@ QRLOSS_TENSOR_MAP_OVERLOADS_(rq_loss)
 #define QRLOSS_TENSOR_MAP_LOGITS_OVERLOADS_(prefix)                         \
   template <typename LogitsMap, typename TargetMap,                         \
             typename = std::enable_if_t<                                    \
-                detail::is_loss_tensor_map<LogitsMap>::value &&             \
-                detail::is_loss_tensor_map<TargetMap>::value>>              \
+                detail::is_tensor_map<LogitsMap>::value &&                  \
+                detail::is_tensor_map<TargetMap>::value>>                   \
   double prefix##_from_logits(const LogitsMap& logits,                      \
                               const TargetMap& target,                      \
                               const LossOptions& options = {}) {            \
+    detail::check_loss_maps<LogitsMap, TargetMap>();                        \
     detail::check_same_shape(#prefix "_from_logits", "target",              \
                              detail::shape_of(logits),                      \
                              detail::shape_of(target));                     \
@@ -265,12 +268,13 @@ QRLOSS_TENSOR_MAP_OVERLOADS_(rq_loss)
   }                                                                         \
   template <typename LogitsMap, typename TargetMap, typename GradMap,       \
             typename = std::enable_if_t<                                    \
-                detail::is_loss_tensor_map<LogitsMap>::value &&             \
-                detail::is_loss_tensor_map<TargetMap>::value &&             \
-                detail::is_loss_tensor_map<GradMap>::value>>                \
+                detail::is_tensor_map<LogitsMap>::value &&                  \
+                detail::is_tensor_map<TargetMap>::value &&                  \
+                detail::is_tensor_map<GradMap>::value>>                     \
   double prefix##_grad_from_logits(const LogitsMap& logits,                 \
                                    const TargetMap& target, GradMap grad,   \
                                    const LossOptions& options = {}) {       \
+    detail::check_loss_maps<LogitsMap, TargetMap, GradMap>();               \
     detail::check_same_shape(#prefix "_grad_from_logits", "target",         \
                              detail::shape_of(logits),                      \
                              detail::shape_of(target));                     \

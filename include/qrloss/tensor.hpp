@@ -37,17 +37,42 @@ struct NonDeducedImpl {
 template <typename T>
 using NonDeduced = typename NonDeducedImpl<T>::type;
 
-/// True for Eigen::TensorMap types over row-major tensors of rank 2 or 4.
+/// True for Eigen tensor types that expose their data: TensorMap (and
+/// Tensor) of any layout, rank and scalar. The loss overloads take these,
+/// so that check_loss_maps can reject a wrong one with a readable message
+/// instead of a failed overload resolution.
 template <typename Map, typename = void>
-struct is_loss_tensor_map : std::false_type {};
+struct is_tensor_map : std::false_type {};
 
 template <typename Map>
-struct is_loss_tensor_map<
+struct is_tensor_map<
     Map, std::void_t<typename Map::Scalar, decltype(Map::NumDimensions),
+                     decltype(Map::Layout),
                      decltype(std::declval<const Map&>().data())>>
-    : std::bool_constant<(Map::NumDimensions == 2 || Map::NumDimensions == 4) &&
-                         (static_cast<int>(Map::Layout) ==
-                          static_cast<int>(Eigen::RowMajor))> {};
+    : std::true_type {};
+
+/// Stops compilation unless every map is row-major, of rank 2 or 4, over
+/// float or double, and all hold the same scalar type.
+template <typename First, typename... Rest>
+constexpr void check_loss_maps() {
+  using Scalar = std::remove_const_t<typename First::Scalar>;
+  static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>,
+                "qrloss: tensor maps must hold float or double");
+  static_assert(((std::is_same_v<std::remove_const_t<typename Rest::Scalar>,
+                                 Scalar>) && ...),
+                "qrloss: all tensor maps of a call must hold the same scalar "
+                "type");
+  static_assert(((First::NumDimensions == 2 || First::NumDimensions == 4) &&
+                 ... &&
+                 (Rest::NumDimensions == 2 || Rest::NumDimensions == 4)),
+                "qrloss: tensor maps must have rank 2 (B,C) or 4 (B,C,H,W)");
+  static_assert(
+      ((static_cast<int>(First::Layout) == static_cast<int>(Eigen::RowMajor)) &&
+       ... &&
+       (static_cast<int>(Rest::Layout) == static_cast<int>(Eigen::RowMajor))),
+      "qrloss: tensor maps must be Eigen::RowMajor (W fastest), as "
+      "qrloss::TensorView is");
+}
 
 /// Shape of a TensorMap as a qrloss::Shape.
 template <typename Map>

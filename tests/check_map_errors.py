@@ -1,0 +1,81 @@
+"""Checks the compile-time errors of the TensorMap loss overloads.
+
+A map that the losses cannot take (column-major, rank 3, int scalars, or
+float and double mixed in one call) must stop compilation with the
+static_assert message of qrloss::detail::check_loss_maps, not with a failed
+overload resolution. A valid row-major call must compile, so that a broken
+compiler command cannot pass the test.
+
+Usage: check_map_errors.py INCLUDE_DIR EIGEN_INCLUDE_DIR COMPILER [ARGS...]
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+PRELUDE = """
+#include <qrloss/qrloss.hpp>
+using RowMap4 = Eigen::TensorMap<Eigen::Tensor<float, 4, Eigen::RowMajor>>;
+"""
+
+# (name, body of `double f(float* a, float* b, double* c, int* d)`,
+#  expected message or None for a call that must compile)
+CASES = [
+    ("row-major call compiles",
+     "RowMap4 q(a, 2, 3, 4, 5), p(b, 2, 3, 4, 5);"
+     " return qrloss::qr_loss(q, p);",
+     None),
+    ("column-major map rejected",
+     "Eigen::TensorMap<Eigen::Tensor<float, 4>> q(a, 2, 3, 4, 5), "
+     "p(b, 2, 3, 4, 5); return qrloss::qr_loss(q, p);",
+     "qrloss: tensor maps must be Eigen::RowMajor"),
+    ("rank 3 map rejected",
+     "Eigen::TensorMap<Eigen::Tensor<float, 3, Eigen::RowMajor>> "
+     "q(a, 2, 3, 4), p(b, 2, 3, 4); return qrloss::rq_loss(q, p);",
+     "qrloss: tensor maps must have rank 2 (B,C) or 4 (B,C,H,W)"),
+    ("int map rejected",
+     "Eigen::TensorMap<Eigen::Tensor<int, 2, Eigen::RowMajor>> "
+     "q(d, 2, 3), p(d, 2, 3); return qrloss::qr_loss_from_logits(q, p);",
+     "qrloss: tensor maps must hold float or double"),
+    ("mixed scalars rejected",
+     "RowMap4 q(a, 2, 3, 4, 5), g(b, 2, 3, 4, 5);"
+     " Eigen::TensorMap<Eigen::Tensor<double, 4, Eigen::RowMajor>> "
+     "p(c, 2, 3, 4, 5); return qrloss::rq_loss_grad(q, p, g);",
+     "qrloss: all tensor maps of a call must hold the same scalar type"),
+]
+
+
+def main() -> int:
+    include_dir, eigen_dir, *compiler = sys.argv[1:]
+    failures = 0
+    with tempfile.TemporaryDirectory(prefix="qrloss_map_errors_") as tmp:
+        for name, body, expected in CASES:
+            source = os.path.join(tmp, "case.cpp")
+            with open(source, "w", encoding="utf-8") as out:
+                out.write(PRELUDE)
+                out.write("double f(float* a, float* b, double* c, int* d) {"
+                          " (void)a; (void)b; (void)c; (void)d; "
+                          + body + " }\n")
+            result = subprocess.run(
+                compiler + ["-std=c++17", "-fsyntax-only",
+                            "-I" + include_dir, "-isystem", eigen_dir, source],
+                capture_output=True, text=True)
+            if expected is None:
+                ok = result.returncode == 0
+                detail = "expected it to compile"
+            else:
+                ok = result.returncode != 0 and expected in result.stderr
+                detail = "expected a compile error containing: " + expected
+            if not ok:
+                failures += 1
+                print(f"FAIL {name}: {detail}")
+                print(result.stderr[-2000:])
+            else:
+                print(f"ok   {name}")
+    print(f"{len(CASES) - failures} passed, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
