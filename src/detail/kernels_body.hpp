@@ -900,11 +900,12 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   // part of the gradient [eq. 3, eq. 4].
   PartialSums partial(call.plan.num_chunks, C + 1);
   BadIndexLog bad_target(call.plan.num_chunks);
-  // Chunks whose gradient has a non-finite entry, one byte each, because
-  // threads writing a std::vector<bool> would share words.
-  std::vector<unsigned char> overflowed(
+  // Chunks whose per-pixel part of dL/dq has an entry beyond a quarter of
+  // T's range (or not finite), one byte each, because threads writing a
+  // std::vector<bool> would share words. Only then can pass 3 overflow.
+  std::vector<unsigned char> large_part(
       static_cast<std::size_t>(call.plan.num_chunks), 0);
-  std::vector<unsigned char> sum_overflowed(overflowed.size(), 0);
+  std::vector<unsigned char> sum_overflowed(large_part.size(), 0);
   const T inv_pixels = static_cast<T>(call.inv_pixels);
   run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
     Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
@@ -1065,9 +1066,9 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
             const T wi = p[i] * scale * inv_t[i];
             term[i] = r[i] * centred;
             out[i] = inv_pixels * wi * (centred - q_share[i]);
-            bad |= invalid_flag(out[i], ValueRule::kFinite);
+            bad |= beyond_quarter_range(out[i]);
           }
-          if (bad != 0) overflowed[static_cast<std::size_t>(chunk)] = 1;
+          if (bad != 0) large_part[static_cast<std::size_t>(chunk)] = 1;
         } else {
           const T* w = space.w.data() + c * L;
           Flag<T> bad = 0;
@@ -1076,9 +1077,9 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
             const T centred = a[i] - abar_t[i];
             term[i] = r[i] > T(0) ? r[i] * (centred + T(1)) : T(0);
             out[i] = w[i] > T(0) ? inv_pixels * w[i] * centred : T(0);
-            bad |= invalid_flag(out[i], ValueRule::kFinite);
+            bad |= beyond_quarter_range(out[i]);
           }
-          if (bad != 0) overflowed[static_cast<std::size_t>(chunk)] = 1;
+          if (bad != 0) large_part[static_cast<std::size_t>(chunk)] = 1;
         }
         sums.add(1 + c, term, n);
       }
@@ -1101,21 +1102,22 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
     return redo_or_throw([&] { throw_loss_overflow(function, dtype); });
   }
   if (!want_grad) return loss;
-  if (std::find(overflowed.begin(), overflowed.end(), 1) != overflowed.end()) {
-    return redo_or_throw(raise_overflow);
-  }
 
   // Pass 3: the batch-wide term -G_c / s_c, which is 0 for a clamped s_c.
   std::vector<T> class_term(static_cast<std::size_t>(C));
+  bool check_sums =
+      std::find(large_part.begin(), large_part.end(), 1) != large_part.end();
   for (Index c = 0; c < C; ++c) {
     const auto k = static_cast<std::size_t>(c);
     const double G = call.inv_pixels * totals[k + 1];
     raise_if_nan(call, G, "a class term of the gradient");
     class_term[k] = s_clamped[k] ? T(0) : static_cast<T>(G * inv_s[k]);
     if (!std::isfinite(class_term[k])) return redo_or_throw(raise_overflow);
+    check_sums = check_sums || beyond_quarter_range(class_term[k]) != 0;
   }
-  // The two parts of dL/dq can have opposite signs, so their sum is checked.
-  std::fill(overflowed.begin(), overflowed.end(), 0);
+  // The two parts of dL/dq can have opposite signs, so where either is
+  // large their sum is checked (and a non-finite per-pixel part is caught).
+  std::vector<unsigned char> overflowed(large_part.size(), 0);
   run_chunks(call.plan, call.threads, [&](Index chunk, int thread) {
     Workspace<T>& space = spaces[static_cast<std::size_t>(thread)];
     Flag<T> bad = 0;
@@ -1124,6 +1126,10 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         for (Index c = 0; c < C; ++c) {
           T* out = grad + geometry.offset(b, c, p0);
           const T term = class_term[static_cast<std::size_t>(c)];
+          if (!check_sums) {
+            for (Index i = 0; i < n; ++i) out[i] -= term;
+            continue;
+          }
           Flag<T> row_bad = 0;
           QRLOSS_SIMD_LOOP_FLAGS
           for (Index i = 0; i < n; ++i) {
@@ -1151,6 +1157,10 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           T* out = grad + geometry.offset(b, c, p0);
           const T term = class_term[static_cast<std::size_t>(c)];
           prefetch_ahead(out, n);
+          if (!check_sums) {
+            for (Index i = 0; i < n; ++i) out[i] -= q[i] * (term - dot_t[i]);
+            continue;
+          }
           Flag<T> row_bad = 0;
           QRLOSS_SIMD_LOOP_FLAGS
           for (Index i = 0; i < n; ++i) {

@@ -60,6 +60,16 @@ inline Flag<T> invalid_flag(T v, ValueRule rule) {
          static_cast<Flag<T>>(!(v <= kMax));
 }
 
+/// Nonzero unless |v| <= max(T) / 4, so also for NaN. Below that bound a
+/// sum or difference of two such values cannot overflow T, nor can the
+/// softmax VJP of them (whose entries are at most half the largest |g|).
+template <typename T>
+inline Flag<T> beyond_quarter_range(T v) {
+  constexpr T kBound = std::numeric_limits<T>::max() / 4;
+  return static_cast<Flag<T>>(!(v >= -kBound)) |
+         static_cast<Flag<T>>(!(v <= kBound));
+}
+
 /// Calls finish(i, s_i) for every pixel i < n, where s_i is the sum over
 /// classes c < C of term(c, i) in double, added in class order from 0.0.
 /// Pixels go in blocks whose sums stay in registers while the classes are
