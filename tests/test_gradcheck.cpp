@@ -4,9 +4,12 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -55,6 +58,50 @@ bool contains(const std::string& text, const std::string& part) {
   return text.find(part) != std::string::npos;
 }
 
+/// A float loss gradient from logits to check against double differences:
+/// x (the float logits as double), the float analytic gradient, and f, the
+/// double loss of the same target.
+struct FloatLossCase {
+  Eigen::VectorXd x;
+  Eigen::VectorXd analytic;
+  std::function<double(const Eigen::VectorXd&)> f;
+};
+
+FloatLossCase make_float_loss_case(qrloss::LossKind kind, const Shape& shape,
+                                   std::uint64_t seed) {
+  const std::vector<float> logits = testing::random_logits<float>(shape, seed);
+  const std::vector<float> target =
+      testing::random_simplex<float>(shape, seed + 1);
+  std::vector<float> grad(logits.size());
+  qrloss::compute_loss_from_logits(kind, logits.data(), target.data(),
+                                   grad.data(), shape);
+  FloatLossCase loss;
+  loss.x.resize(static_cast<Eigen::Index>(logits.size()));
+  loss.analytic.resize(loss.x.size());
+  for (Eigen::Index i = 0; i < loss.x.size(); ++i) {
+    loss.x[i] = logits[static_cast<std::size_t>(i)];
+    loss.analytic[i] = grad[static_cast<std::size_t>(i)];
+  }
+  const auto target64 =
+      std::make_shared<std::vector<double>>(target.begin(), target.end());
+  loss.f = [kind, target64, shape](const Eigen::VectorXd& x) {
+    return qrloss::compute_loss_from_logits<double>(kind, x.data(),
+                                                    target64->data(), nullptr,
+                                                    shape);
+  };
+  return loss;
+}
+
+/// Returns the tolerances that gradcheck.hpp suggests for a float analytic
+/// gradient.
+GradientCheckOptions float_options(const Shape& shape) {
+  GradientCheckOptions options;
+  options.rtol = 1e-4;
+  options.atol_scale = 1e-5;
+  options.shape = shape;
+  return options;
+}
+
 }  // namespace
 
 TEST_SUITE("gradcheck") {
@@ -78,8 +125,11 @@ TEST_SUITE("gradcheck") {
   }
 
   TEST_CASE("atol follows numeric scale") {
-    // atol = atol_scale * max(1, max |numeric|): f = 50 * sum x_i^2 at
-    // x_i = 1 has numeric gradient 100 everywhere.
+    // atol_i = atol_scale * max |numeric| + 1024 * DBL_EPSILON *
+    // max(|f(x + h e_i)|, |f(x - h e_i)|) / h_i. f = 50 * sum x_i^2 at
+    // x_i = 1 has numeric gradient 100 everywhere and f = 300 nearby.
+    const double unit = std::numeric_limits<double>::epsilon();
+    const double h = GradientCheckOptions{}.step_scale;
     const Eigen::VectorXd x = Eigen::VectorXd::Ones(6);
     const auto f = [](const Eigen::VectorXd& point) {
       return 50.0 * point.squaredNorm();
@@ -88,12 +138,28 @@ TEST_SUITE("gradcheck") {
         f, x, Eigen::VectorXd::Constant(6, 100.0));
     INFO(report.summary());
     CHECK(report.passed);
-    CHECK(report.atol == doctest::Approx(100.0 * 1e-9).epsilon(1e-6));
+    CHECK(report.atol ==
+          doctest::Approx(100.0 * 1e-9 + 1024.0 * unit * 300.0 * (1 + h) *
+                                             (1 + h) / h)
+              .epsilon(1e-6));
 
+    // A gradient far below 1 is judged on its own scale: with the float
+    // tolerances, an all-zero gradient of f = 1e-6 * sum x_i fails (an
+    // absolute atol of atol_scale let it pass).
+    GradientCheckOptions float_options;
+    float_options.rtol = 1e-4;
+    float_options.atol_scale = 1e-5;
+    const auto small_f = [](const Eigen::VectorXd& point) {
+      return 1e-6 * point.sum();
+    };
     const GradientCheckReport small = qrloss::check_gradient(
-        [](const Eigen::VectorXd& point) { return 1e-3 * point.sum(); }, x,
-        Eigen::VectorXd::Constant(6, 1e-3));
-    CHECK(small.atol == 1e-9);
+        small_f, x, Eigen::VectorXd::Constant(6, 1e-6), float_options);
+    CHECK(small.passed);
+    CHECK(small.atol < 1e-10);
+    const GradientCheckReport zero = qrloss::check_gradient(
+        small_f, x, Eigen::VectorXd::Zero(6), float_options);
+    CHECK_FALSE(zero.passed);
+    CHECK(zero.num_failed == 6);
   }
 
   TEST_CASE("gradient off at one index fails") {
@@ -269,39 +335,69 @@ TEST_SUITE("gradcheck") {
     // gradients from logits must pass with them, and a 1 % error at one
     // entry must still fail.
     const Shape shape{2, 5, 3, 4};
-    const std::vector<float> logits = testing::random_logits<float>(shape, 90);
-    const std::vector<float> target =
-        testing::random_simplex<float>(shape, 91);
-    const std::vector<double> target64(target.begin(), target.end());
-    GradientCheckOptions options;
-    options.rtol = 1e-4;
-    options.atol_scale = 1e-5;
-    options.shape = shape;
     for (qrloss::LossKind kind : {qrloss::LossKind::kQR,
                                   qrloss::LossKind::kRQ}) {
-      CAPTURE(qrloss::loss_name(kind));
-      std::vector<float> grad(logits.size());
-      qrloss::compute_loss_from_logits(kind, logits.data(), target.data(),
-                                       grad.data(), shape);
-      const auto f = [&](const Eigen::VectorXd& x) {
-        return qrloss::compute_loss_from_logits<double>(
-            kind, x.data(), target64.data(), nullptr, shape);
-      };
-      Eigen::VectorXd x(static_cast<Eigen::Index>(logits.size()));
-      Eigen::VectorXd analytic(x.size());
-      for (Eigen::Index i = 0; i < x.size(); ++i) {
-        x[i] = logits[static_cast<std::size_t>(i)];
-        analytic[i] = grad[static_cast<std::size_t>(i)];
-      }
+      const std::string name = qrloss::loss_name(kind);
+      CAPTURE(name);
+      const FloatLossCase loss = make_float_loss_case(kind, shape, 90);
+      const GradientCheckOptions options = float_options(shape);
       const GradientCheckReport report =
-          qrloss::check_gradient(f, x, analytic, options);
+          qrloss::check_gradient(loss.f, loss.x, loss.analytic, options);
       CHECK_MESSAGE(report.passed, report.summary());
 
-      analytic[37] *= 1.01;
-      const GradientCheckReport off =
-          qrloss::check_gradient(f, x, analytic, options);
-      CHECK_FALSE(off.passed);
-      CHECK(off.worst_index == 37);
+      Eigen::VectorXd off = loss.analytic;
+      off[37] *= 1.01;
+      const GradientCheckReport off_report =
+          qrloss::check_gradient(loss.f, loss.x, off, options);
+      CHECK_FALSE(off_report.passed);
+      CHECK(off_report.worst_index == 37);
+    }
+  }
+
+  TEST_CASE("float tolerances reject wrong loss gradients") {
+    // With 2 x 5 x 48 x 48 the loss gradients are below 1e-4. The true
+    // float gradient passes, while a zero gradient and the true one times
+    // 1.5 fail. So does a 1 % error at the smallest sampled entry above a
+    // quarter of the largest (smaller entries sit near the round-off of
+    // the differences, about 7e-8 here).
+    const Shape shape{2, 5, 48, 48};
+    GradientCheckOptions options = float_options(shape);
+    options.indices = {5, 1234, 4321, 9999, 17000, 23039};
+    for (qrloss::LossKind kind : {qrloss::LossKind::kQR,
+                                  qrloss::LossKind::kRQ}) {
+      const std::string name = qrloss::loss_name(kind);
+      CAPTURE(name);
+      const FloatLossCase loss = make_float_loss_case(kind, shape, 92);
+      double largest = 0.0;
+      for (std::int64_t i : options.indices) {
+        largest = std::max(largest, std::abs(loss.analytic[i]));
+      }
+      CHECK(largest < 1e-4);
+
+      const GradientCheckReport report =
+          qrloss::check_gradient(loss.f, loss.x, loss.analytic, options);
+      CHECK_MESSAGE(report.passed, report.summary());
+      const Eigen::VectorXd zero = Eigen::VectorXd::Zero(loss.x.size());
+      CHECK_FALSE(qrloss::check_gradient(loss.f, loss.x, zero, options).passed);
+      const Eigen::VectorXd scaled = 1.5 * loss.analytic;
+      CHECK_FALSE(
+          qrloss::check_gradient(loss.f, loss.x, scaled, options).passed);
+
+      std::int64_t smallest = -1;
+      for (std::int64_t i : options.indices) {
+        const double magnitude = std::abs(loss.analytic[i]);
+        if (magnitude > 0.25 * largest &&
+            (smallest < 0 || magnitude < std::abs(loss.analytic[smallest]))) {
+          smallest = i;
+        }
+      }
+      REQUIRE(smallest >= 0);
+      Eigen::VectorXd off = loss.analytic;
+      off[smallest] *= 1.01;
+      const GradientCheckReport off_report =
+          qrloss::check_gradient(loss.f, loss.x, off, options);
+      CHECK_FALSE(off_report.passed);
+      CHECK(off_report.worst_index == smallest);
     }
   }
 

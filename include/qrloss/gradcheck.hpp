@@ -23,8 +23,13 @@ struct GradientCheckOptions {
   double step_scale = 6.0554544523933395e-06;
   /// Relative tolerance of the pass test.
   double rtol = 1e-6;
-  /// Absolute tolerance as a fraction of max(1, max |numeric|), so that
-  /// near-zero entries are judged on the scale of the whole gradient.
+  /// Absolute tolerance as a fraction of max |numeric|, so that near-zero
+  /// entries are judged on the scale of the whole gradient, even where
+  /// that scale is far below 1 (a mean over many pixels). An allowance
+  /// for the round-off of each difference, 1024 * DBL_EPSILON *
+  /// max(|f(x + h e_i)|, |f(x - h e_i)|) / h_i, is added to it: about
+  /// 4e-8 for an f of order 1 at the default step, which bounds the
+  /// smallest error the check can see in an entry.
   double atol_scale = 1e-9;
   /// Flat indices to check. When empty, every element is checked if there
   /// are at most max_elements, otherwise max_elements indices drawn with
@@ -54,7 +59,8 @@ struct GradientCheckReport {
   std::string worst_position;
   double worst_analytic = 0.0;
   double worst_numeric = 0.0;
-  /// The absolute tolerance used: atol_scale * max(1, max |numeric|).
+  /// The largest absolute tolerance used: atol_scale * max |numeric| plus
+  /// an entry's round-off allowance.
   double atol = 0.0;
   bool passed = false;
 
@@ -64,7 +70,13 @@ struct GradientCheckReport {
 
 /// Compares `analytic` with central differences of `f` at `x`:
 ///   numeric_i = (f(x + h_i e_i) - f(x - h_i e_i)) / (2 h_i)
-/// An entry passes when |a - n| <= atol + rtol * max(|a|, |n|).
+/// An entry passes when |a - n| <= atol_i + rtol * max(|a|, |n|), where
+/// atol_i = atol_scale * max |numeric| + the round-off allowance of
+/// entry i (see GradientCheckOptions::atol_scale). A gradient whose
+/// entries are all far below 1 is thus judged on its own scale. The
+/// allowance covers an f whose rounding error is up to a few hundred
+/// units of |f|, as for QR with C = 4096 (whose two terms cancel); an f
+/// with heavier cancellation needs a larger step_scale.
 /// `f` is called twice per checked entry on a copy of x; x is not modified.
 /// @throws qrloss::invalid_argument if x and analytic differ in size, x is
 ///   empty, an index is out of range, f returns a non-finite value, or an
