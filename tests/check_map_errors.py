@@ -2,8 +2,8 @@
 
 A map that the losses cannot take (column-major, rank 3, int scalars, or
 float and double mixed in one call) must stop compilation with the
-static_assert message of qrloss::detail::check_loss_maps, not with a failed
-overload resolution. A valid row-major call must compile, so that a broken
+static_assert message of qrloss::detail::LossMapCheck as its first error,
+not with a failed overload resolution. A valid row-major call must compile, so that a broken
 compiler command cannot pass the test.
 
 Usage: check_map_errors.py INCLUDE_DIR EIGEN_INCLUDE_DIR COMPILER [ARGS...]
@@ -43,6 +43,16 @@ CASES = [
      " Eigen::TensorMap<Eigen::Tensor<double, 4, Eigen::RowMajor>> "
      "p(c, 2, 3, 4, 5); return qrloss::rq_loss_grad(q, p, g);",
      "qrloss: all tensor maps of a call must hold the same scalar type"),
+    ("mixed scalars rejected without gradient",
+     "RowMap4 q(a, 2, 3, 4, 5);"
+     " Eigen::TensorMap<Eigen::Tensor<double, 4, Eigen::RowMajor>> "
+     "p(c, 2, 3, 4, 5); return qrloss::qr_loss(q, p);",
+     "qrloss: all tensor maps of a call must hold the same scalar type"),
+    ("double gradient map rejected from logits",
+     "RowMap4 x(a, 2, 3, 4, 5), p(b, 2, 3, 4, 5);"
+     " Eigen::TensorMap<Eigen::Tensor<double, 4, Eigen::RowMajor>> "
+     "g(c, 2, 3, 4, 5); return qrloss::qr_loss_grad_from_logits(x, p, g);",
+     "qrloss: all tensor maps of a call must hold the same scalar type"),
 ]
 
 
@@ -65,8 +75,13 @@ def main() -> int:
                 ok = result.returncode == 0
                 detail = "expected it to compile"
             else:
-                ok = result.returncode != 0 and expected in result.stderr
-                detail = "expected a compile error containing: " + expected
+                # The rule's message must be the first error, not one that
+                # follows a failed overload resolution.
+                errors = [line for line in result.stderr.splitlines()
+                          if "error:" in line]
+                ok = (result.returncode != 0 and bool(errors)
+                      and expected in errors[0])
+                detail = "expected the first error to contain: " + expected
             if not ok:
                 failures += 1
                 print(f"FAIL {name}: {detail}")

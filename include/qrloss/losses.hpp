@@ -218,11 +218,14 @@ double compute_loss_from_logits(LossKind kind, const T* logits, const T* target,
                 detail::is_tensor_map<TargetMap>::value>>                      \
   double name(const ProbsMap& first, const TargetMap& target,                  \
               const LossOptions& options = {}) {                               \
-    detail::check_loss_maps<ProbsMap, TargetMap>();                            \
-    detail::check_same_shape(#name, "target", detail::shape_of(first),         \
-                             detail::shape_of(target));                        \
-    return name(first.data(), target.data(), detail::shape_of(first),          \
-                options);                                                      \
+    if constexpr (detail::LossMapCheck<ProbsMap, TargetMap>::value) {          \
+      detail::check_same_shape(#name, "target", detail::shape_of(first),       \
+                               detail::shape_of(target));                      \
+      return name(first.data(), target.data(), detail::shape_of(first),        \
+                  options);                                                    \
+    } else {                                                                   \
+      return 0.0; /* LossMapCheck failed: compilation stops */                 \
+    }                                                                          \
   }                                                                            \
   template <typename ProbsMap, typename TargetMap, typename GradMap,           \
             typename = std::enable_if_t<                                       \
@@ -231,13 +234,19 @@ double compute_loss_from_logits(LossKind kind, const T* logits, const T* target,
                 detail::is_tensor_map<GradMap>::value>>                        \
   double name##_grad(const ProbsMap& first, const TargetMap& target,           \
                      GradMap grad, const LossOptions& options = {}) {          \
-    detail::check_loss_maps<ProbsMap, TargetMap, GradMap>();                   \
-    detail::check_same_shape(#name "_grad", "target", detail::shape_of(first), \
-                             detail::shape_of(target));                        \
-    detail::check_same_shape(#name "_grad", "gradient",                        \
-                             detail::shape_of(first), detail::shape_of(grad)); \
-    return name##_grad(first.data(), target.data(), grad.data(),               \
-                       detail::shape_of(first), options);                      \
+    if constexpr (detail::LossMapCheck<ProbsMap, TargetMap,                    \
+                                       GradMap>::value) {                      \
+      detail::check_same_shape(#name "_grad", "target",                        \
+                               detail::shape_of(first),                        \
+                               detail::shape_of(target));                      \
+      detail::check_same_shape(#name "_grad", "gradient",                      \
+                               detail::shape_of(first),                        \
+                               detail::shape_of(grad));                        \
+      return name##_grad(first.data(), target.data(), grad.data(),             \
+                         detail::shape_of(first), options);                    \
+    } else {                                                                   \
+      return 0.0; /* LossMapCheck failed: compilation stops */                 \
+    }                                                                          \
   }
 
 namespace detail {
@@ -251,39 +260,46 @@ QRLOSS_TENSOR_MAP_OVERLOADS_(rq_loss)
 
 // The logits variants are named qr_loss_from_logits / ..._grad_from_logits,
 // so they get their own pair of overloads.
-#define QRLOSS_TENSOR_MAP_LOGITS_OVERLOADS_(prefix)                         \
-  template <typename LogitsMap, typename TargetMap,                         \
-            typename = std::enable_if_t<                                    \
-                detail::is_tensor_map<LogitsMap>::value &&                  \
-                detail::is_tensor_map<TargetMap>::value>>                   \
-  double prefix##_from_logits(const LogitsMap& logits,                      \
-                              const TargetMap& target,                      \
-                              const LossOptions& options = {}) {            \
-    detail::check_loss_maps<LogitsMap, TargetMap>();                        \
-    detail::check_same_shape(#prefix "_from_logits", "target",              \
-                             detail::shape_of(logits),                      \
-                             detail::shape_of(target));                     \
-    return prefix##_from_logits(logits.data(), target.data(),               \
-                                detail::shape_of(logits), options);         \
-  }                                                                         \
-  template <typename LogitsMap, typename TargetMap, typename GradMap,       \
-            typename = std::enable_if_t<                                    \
-                detail::is_tensor_map<LogitsMap>::value &&                  \
-                detail::is_tensor_map<TargetMap>::value &&                  \
-                detail::is_tensor_map<GradMap>::value>>                     \
-  double prefix##_grad_from_logits(const LogitsMap& logits,                 \
-                                   const TargetMap& target, GradMap grad,   \
-                                   const LossOptions& options = {}) {       \
-    detail::check_loss_maps<LogitsMap, TargetMap, GradMap>();               \
-    detail::check_same_shape(#prefix "_grad_from_logits", "target",         \
-                             detail::shape_of(logits),                      \
-                             detail::shape_of(target));                     \
-    detail::check_same_shape(#prefix "_grad_from_logits", "gradient",       \
-                             detail::shape_of(logits),                      \
-                             detail::shape_of(grad));                       \
-    return prefix##_grad_from_logits(logits.data(), target.data(),          \
-                                     grad.data(), detail::shape_of(logits), \
-                                     options);                              \
+#define QRLOSS_TENSOR_MAP_LOGITS_OVERLOADS_(prefix)                            \
+  template <typename LogitsMap, typename TargetMap,                            \
+            typename = std::enable_if_t<                                       \
+                detail::is_tensor_map<LogitsMap>::value &&                     \
+                detail::is_tensor_map<TargetMap>::value>>                      \
+  double prefix##_from_logits(const LogitsMap& logits,                         \
+                              const TargetMap& target,                         \
+                              const LossOptions& options = {}) {               \
+    if constexpr (detail::LossMapCheck<LogitsMap, TargetMap>::value) {         \
+      detail::check_same_shape(#prefix "_from_logits", "target",               \
+                               detail::shape_of(logits),                       \
+                               detail::shape_of(target));                      \
+      return prefix##_from_logits(logits.data(), target.data(),                \
+                                  detail::shape_of(logits), options);          \
+    } else {                                                                   \
+      return 0.0; /* LossMapCheck failed: compilation stops */                 \
+    }                                                                          \
+  }                                                                            \
+  template <typename LogitsMap, typename TargetMap, typename GradMap,          \
+            typename = std::enable_if_t<                                       \
+                detail::is_tensor_map<LogitsMap>::value &&                     \
+                detail::is_tensor_map<TargetMap>::value &&                     \
+                detail::is_tensor_map<GradMap>::value>>                        \
+  double prefix##_grad_from_logits(const LogitsMap& logits,                    \
+                                   const TargetMap& target, GradMap grad,      \
+                                   const LossOptions& options = {}) {          \
+    if constexpr (detail::LossMapCheck<LogitsMap, TargetMap,                   \
+                                       GradMap>::value) {                      \
+      detail::check_same_shape(#prefix "_grad_from_logits", "target",          \
+                               detail::shape_of(logits),                       \
+                               detail::shape_of(target));                      \
+      detail::check_same_shape(#prefix "_grad_from_logits", "gradient",        \
+                               detail::shape_of(logits),                       \
+                               detail::shape_of(grad));                        \
+      return prefix##_grad_from_logits(logits.data(), target.data(),           \
+                                       grad.data(),                            \
+                                       detail::shape_of(logits), options);     \
+    } else {                                                                   \
+      return 0.0; /* LossMapCheck failed: compilation stops */                 \
+    }                                                                          \
   }
 
 QRLOSS_TENSOR_MAP_LOGITS_OVERLOADS_(qr_loss)

@@ -39,7 +39,7 @@ using NonDeduced = typename NonDeducedImpl<T>::type;
 
 /// True for Eigen tensor types that expose their data: TensorMap (and
 /// Tensor) of any layout, rank and scalar. The loss overloads take these,
-/// so that check_loss_maps can reject a wrong one with a readable message
+/// so that LossMapCheck can reject a wrong one with a readable message
 /// instead of a failed overload resolution.
 template <typename Map, typename = void>
 struct is_tensor_map : std::false_type {};
@@ -52,27 +52,37 @@ struct is_tensor_map<
     : std::true_type {};
 
 /// Stops compilation unless every map is row-major, of rank 2 or 4, over
-/// float or double, and all hold the same scalar type.
+/// float or double, and all hold the same scalar type. `value` is true for
+/// such maps. A class template is instantiated where ::value is named, so
+/// its static_assert message comes first. The loss overloads skip their
+/// pointer call where value is false, because that call would add a failed
+/// overload resolution to the errors.
 template <typename First, typename... Rest>
-constexpr void check_loss_maps() {
+struct LossMapCheck {
   using Scalar = std::remove_const_t<typename First::Scalar>;
-  static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>,
-                "qrloss: tensor maps must hold float or double");
-  static_assert(((std::is_same_v<std::remove_const_t<typename Rest::Scalar>,
-                                 Scalar>) && ...),
-                "qrloss: all tensor maps of a call must hold the same scalar "
-                "type");
-  static_assert(((First::NumDimensions == 2 || First::NumDimensions == 4) &&
-                 ... &&
-                 (Rest::NumDimensions == 2 || Rest::NumDimensions == 4)),
-                "qrloss: tensor maps must have rank 2 (B,C) or 4 (B,C,H,W)");
-  static_assert(
+  static constexpr bool kFloating =
+      std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>;
+  static constexpr bool kSameScalar =
+      (std::is_same_v<std::remove_const_t<typename Rest::Scalar>, Scalar> &&
+       ...);
+  static constexpr bool kRank =
+      ((First::NumDimensions == 2 || First::NumDimensions == 4) && ... &&
+       (Rest::NumDimensions == 2 || Rest::NumDimensions == 4));
+  static constexpr bool kRowMajor =
       ((static_cast<int>(First::Layout) == static_cast<int>(Eigen::RowMajor)) &&
        ... &&
-       (static_cast<int>(Rest::Layout) == static_cast<int>(Eigen::RowMajor))),
-      "qrloss: tensor maps must be Eigen::RowMajor (W fastest), as "
-      "qrloss::TensorView is");
-}
+       (static_cast<int>(Rest::Layout) == static_cast<int>(Eigen::RowMajor)));
+  static_assert(kFloating, "qrloss: tensor maps must hold float or double");
+  static_assert(kSameScalar,
+                "qrloss: all tensor maps of a call must hold the same scalar "
+                "type");
+  static_assert(kRank,
+                "qrloss: tensor maps must have rank 2 (B,C) or 4 (B,C,H,W)");
+  static_assert(kRowMajor,
+                "qrloss: tensor maps must be Eigen::RowMajor (W fastest), as "
+                "qrloss::TensorView is");
+  static constexpr bool value = kFloating && kSameScalar && kRank && kRowMajor;
+};
 
 /// Shape of a TensorMap as a qrloss::Shape.
 template <typename Map>
