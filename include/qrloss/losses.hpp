@@ -78,7 +78,7 @@ struct LossOptions {
   /// Per-element sums such as p + eps are formed in the input type, so in
   /// float an eps below the resolution of p has no effect there (QR of
   /// q = p = (0.5, 0.5) over two classes is about 2e-8 in float and 0 in
-/// double).
+  /// double).
   double eps = kDefaultEps;
   /// Reject NaN, infinite and negative input values with an error naming the
   /// first bad index. When false, such values give unspecified results.

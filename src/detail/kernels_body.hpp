@@ -750,12 +750,13 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
                const Shape& shape, const LossOptions& options);
 
 /// Redoes a float RQ call in double and rounds dL/dq (or dL/dx) to float.
-/// Float arithmetic inside the kernel can overflow where the results fit:
-/// with eps = 0 and a class total near float's smallest normal value,
-/// w = p / (s_c t) or the per-pixel part of dL/dq exceeds float's range,
-/// and the class term -G_c / s_c cancels most of the latter. The copies
-/// take three double tensors; only calls whose float kernel overflowed
-/// come here. raise_overflow throws for an entry beyond float's range.
+/// It serves calls beyond float's arithmetic although the results fit:
+/// 1 / s_c or a pixel sum outside float's normal range, or, with eps = 0
+/// and a class total near float's smallest normal value, w = p / (s_c t)
+/// or the per-pixel part of dL/dq beyond float's range (the class term
+/// -G_c / s_c cancels most of the latter). The copies take three double
+/// tensors; only such calls come here. raise_overflow throws for an entry
+/// beyond float's range.
 template <bool kFromLogits, typename RaiseOverflow>
 double rq_in_double(const CallSetup& call, const float* input,
                     const float* target, float* grad,
