@@ -124,10 +124,7 @@ void run_bench(BenchSettings& settings) {
   output["floor_gbytes_per_s"] = timing.floor_gbytes_per_s;
   output["pixels_per_s"] = timing.pixels_per_s;
   output["loss"] = timing.loss;
-  std::cout << output.dump() << std::endl;
-  if (!std::cout) {
-    fail_command("bench", kExitInternal, "cannot write the result to stdout");
-  }
+  print_result("bench", output.dump());
 }
 
 }  // namespace

@@ -34,6 +34,13 @@ CLI::Validator one_of(const std::vector<std::string>& choices);
 /// Returns a validator that rejects an empty file path.
 CLI::Validator file_path();
 
+/// Prints `json` and a newline on stdout. If that fails, throws through
+/// fail_command with status 1 and "cannot write the result to stdout",
+/// followed by the system's reason (a full disk, a closed pipe) and then
+/// `after_failure`, which names what is left behind.
+void print_result(const std::string& command, const std::string& json,
+                  const std::string& after_failure = "");
+
 /// Prints `qrloss <command>: <message>` as one line on stderr and throws
 /// CLI::RuntimeError(exit_status), which main() turns into the exit status
 /// without printing anything else.

@@ -201,10 +201,20 @@ EvalResult run_eval(const EvalSettings& settings) {
             : evaluate<double>(settings, kind, from_logits, input, target);
   } catch (const qrloss::invalid_argument& error) {
     // The library names its tensors (probs, logits, target), but the user
-    // gave files, so the message names those too.
-    throw qrloss::invalid_argument(std::string(error.what()) + " (" +
-                                   input_option + " " + input_path +
-                                   ", --target " + settings.target_path + ")");
+    // gave files, so the message names those too. It also starts with the
+    // library function that eval calls, which means nothing to a user of
+    // the command line, so that name is dropped.
+    std::string message = error.what();
+    for (const char* function :
+         {"compute_loss_from_logits: ", "compute_loss: "}) {
+      if (message.rfind(function, 0) == 0) {
+        message.erase(0, std::string(function).size());
+        break;
+      }
+    }
+    throw qrloss::invalid_argument(message + " (" + input_option + " " +
+                                   input_path + ", --target " +
+                                   settings.target_path + ")");
   }
   return result;
 }
@@ -274,20 +284,17 @@ void run_and_print(const EvalSettings& settings) {
   // is not becomes U+FFFD, where the strict default threw after the
   // gradient file was written. ASCII output also keeps control characters
   // of any kind away from the terminal.
-  std::cout << to_json(settings, *result)
+  // The gradient file is complete by now, and it may have replaced a file
+  // of the caller's, so it stays if printing fails: removing it would lose
+  // both.
+  print_result("eval",
+               to_json(settings, *result)
                    .dump(-1, ' ', true,
-                         nlohmann::ordered_json::error_handler_t::replace)
-            << std::endl;
-  if (!std::cout) {
-    // The gradient file is complete by now, and it may have replaced a
-    // file of the caller's, so it stays: removing it would lose both.
-    fail_command("eval", kExitInternal,
-                 "cannot write the result to stdout" +
-                     std::string(settings.grad_out_path.empty()
-                                     ? ""
-                                     : " (the gradient was written to " +
-                                           settings.grad_out_path + ")"));
-  }
+                         nlohmann::ordered_json::error_handler_t::replace),
+               settings.grad_out_path.empty()
+                   ? ""
+                   : " (the gradient was written to " +
+                         settings.grad_out_path + ")");
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <iostream>
 #include <new>
@@ -263,6 +264,21 @@ CLI::Validator file_path() {
                             : "";
       },
       "");
+}
+
+void print_result(const std::string& command, const std::string& json,
+                  const std::string& after_failure) {
+  // The write(2) under std::cout sets errno when it fails, so errno is
+  // cleared first: a stale value would name the wrong cause.
+  errno = 0;
+  std::cout << json << std::endl;
+  if (std::cout) return;
+  const int error_number = errno;
+  std::string message = "cannot write the result to stdout";
+  if (error_number != 0) {
+    message += ": " + std::string(std::strerror(error_number));
+  }
+  fail_command(command, kExitInternal, message + after_failure);
 }
 
 void fail_command(const std::string& command, int exit_status,
