@@ -1,9 +1,11 @@
 """Checks the compile-time errors of the TensorMap loss overloads.
 
-A map that the losses cannot take (column-major, rank 3, int scalars, or
-float and double mixed in one call) must stop compilation with the
-static_assert message of qrloss::detail::LossMapCheck as its first error,
-not with a failed overload resolution. A valid row-major call must compile, so that a broken
+A map that the losses cannot take (column-major, rank 3, int scalars,
+float and double mixed in one call, or a gradient that is an Eigen::Tensor
+or a map of const scalars) must stop compilation with the static_assert
+message of qrloss::detail::LossMapCheck or GradMapCheck as its first
+error, not with a failed overload resolution or, for a Tensor gradient,
+not at all. A valid row-major call must compile, so that a broken
 compiler command cannot pass the test.
 
 Usage: check_map_errors.py INCLUDE_DIR EIGEN_INCLUDE_DIR COMPILER [ARGS...]
@@ -48,6 +50,20 @@ CASES = [
      " Eigen::TensorMap<Eigen::Tensor<double, 4, Eigen::RowMajor>> "
      "p(c, 2, 3, 4, 5); return qrloss::qr_loss(q, p);",
      "qrloss: all tensor maps of a call must hold the same scalar type"),
+    ("tensor gradient rejected",
+     "RowMap4 q(a, 2, 3, 4, 5), p(b, 2, 3, 4, 5);"
+     " Eigen::Tensor<float, 4, Eigen::RowMajor> g(2, 3, 4, 5);"
+     " return qrloss::rq_loss_grad(q, p, g);",
+     "qrloss: the gradient must be an Eigen::TensorMap over your buffer"),
+    ("const gradient map rejected",
+     "RowMap4 x(a, 2, 3, 4, 5), p(b, 2, 3, 4, 5);"
+     " qrloss::ConstTensorView<float, 4> g(b, 2, 3, 4, 5);"
+     " return qrloss::qr_loss_grad_from_logits(x, p, g);",
+     "qrloss: the gradient map must be writable"),
+    ("tensor inputs with a gradient view compile",
+     "Eigen::Tensor<float, 4, Eigen::RowMajor> q(2, 3, 4, 5), p(2, 3, 4, 5);"
+     " return qrloss::qr_loss_grad(q, p, RowMap4(a, 2, 3, 4, 5));",
+     None),
     ("double gradient map rejected from logits",
      "RowMap4 x(a, 2, 3, 4, 5), p(b, 2, 3, 4, 5);"
      " Eigen::TensorMap<Eigen::Tensor<double, 4, Eigen::RowMajor>> "

@@ -208,7 +208,9 @@ double compute_loss_from_logits(LossKind kind, const T* logits, const T* target,
 // ---------------------------------------------------------------------------
 // Eigen::TensorMap interface: the same functions over rank-2 or rank-4
 // row-major TensorMaps (for example ConstTensorView<float, 4>). The gradient
-// map is taken by value, so a temporary view of a buffer works too.
+// map is taken by value, so a temporary view of a buffer works too; it must
+// be a writable TensorMap, since an Eigen::Tensor would be copied and the
+// gradient lost (GradMapCheck stops such a call at compile time).
 // ---------------------------------------------------------------------------
 
 #define QRLOSS_TENSOR_MAP_OVERLOADS_(name)                                     \
@@ -235,7 +237,8 @@ double compute_loss_from_logits(LossKind kind, const T* logits, const T* target,
   double name##_grad(const ProbsMap& first, const TargetMap& target,           \
                      GradMap grad, const LossOptions& options = {}) {          \
     if constexpr (detail::LossMapCheck<ProbsMap, TargetMap,                    \
-                                       GradMap>::value) {                      \
+                                       GradMap>::value &&                      \
+                  detail::GradMapCheck<GradMap>::value) {                      \
       detail::check_same_shape(#name "_grad", "target",                        \
                                detail::shape_of(first),                        \
                                detail::shape_of(target));                      \
@@ -287,7 +290,8 @@ QRLOSS_TENSOR_MAP_OVERLOADS_(rq_loss)
                                    const TargetMap& target, GradMap grad,      \
                                    const LossOptions& options = {}) {          \
     if constexpr (detail::LossMapCheck<LogitsMap, TargetMap,                   \
-                                       GradMap>::value) {                      \
+                                       GradMap>::value &&                      \
+                  detail::GradMapCheck<GradMap>::value) {                      \
       detail::check_same_shape(#prefix "_grad_from_logits", "target",          \
                                detail::shape_of(logits),                       \
                                detail::shape_of(target));                      \

@@ -84,6 +84,33 @@ struct LossMapCheck {
   static constexpr bool value = kFloating && kSameScalar && kRank && kRowMajor;
 };
 
+/// True for Eigen::TensorMap types only, not for Eigen::Tensor.
+template <typename Map>
+struct is_eigen_tensor_map : std::false_type {};
+
+template <typename Plain, int Options, template <class> class MakePointer>
+struct is_eigen_tensor_map<Eigen::TensorMap<Plain, Options, MakePointer>>
+    : std::true_type {};
+
+/// Stops compilation unless the gradient argument is a writable
+/// Eigen::TensorMap. It is taken by value, so an Eigen::Tensor would be
+/// copied and the gradient written into the copy, and a map of const
+/// scalars cannot be written.
+template <typename GradMap>
+struct GradMapCheck {
+  static constexpr bool kMap = is_eigen_tensor_map<GradMap>::value;
+  static constexpr bool kWritable = !std::is_const_v<std::remove_pointer_t<
+      decltype(std::declval<GradMap&>().data())>>;
+  static_assert(kMap,
+                "qrloss: the gradient must be an Eigen::TensorMap over your "
+                "buffer (such as qrloss::TensorView); an Eigen::Tensor is "
+                "taken by value, so the gradient would be lost");
+  static_assert(kWritable,
+                "qrloss: the gradient map must be writable, not a map of "
+                "const scalars");
+  static constexpr bool value = kMap && kWritable;
+};
+
 /// Shape of a TensorMap as a qrloss::Shape.
 template <typename Map>
 Shape shape_of(const Map& map) {
