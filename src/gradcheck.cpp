@@ -15,12 +15,10 @@
 namespace qrloss {
 namespace {
 
-/// Round-off allowance of a central difference, in units of DBL_EPSILON *
-/// |f| / h. Each of f(x + h) and f(x - h) carries its own rounding error,
-/// and the difference divides their sum by 2 h. That error reached 160
-/// units for QR with C = 4096, whose two terms cancel, so the allowance
-/// keeps a margin of about 6 over it.
-constexpr double kRoundoffUnits = 1024.0;
+/// The largest round-off allowance, as a fraction of the gradient's scale,
+/// at which the differences can still tell a wrong gradient from a right
+/// one. Above it the check fails as too noisy instead of passing anything.
+constexpr double kMaxNoiseFraction = 0.1;
 
 std::vector<std::int64_t> choose_indices(const GradientCheckOptions& options,
                                          std::int64_t size) {
@@ -68,6 +66,7 @@ void check_options(const GradientCheckOptions& options, std::int64_t size) {
   check_setting("step_scale", options.step_scale, 0.0, true);
   check_setting("rtol", options.rtol, 0.0, false);
   check_setting("atol_scale", options.atol_scale, 0.0, false);
+  check_setting("roundoff_units", options.roundoff_units, 0.0, false);
   if (options.indices.empty() && options.max_elements < 1) {
     throw invalid_argument(
         "check_gradient: invalid max_elements: expected at least 1, got " +
@@ -107,8 +106,14 @@ std::string position_of(std::int64_t flat, const Shape& shape) {
 std::string GradientCheckReport::summary() const {
   std::ostringstream out;
   out.precision(6);
-  out << (passed ? "gradient check passed" : "gradient check FAILED") << ": "
-      << num_failed << " of " << num_checked
+  out << (passed ? "gradient check passed" : "gradient check FAILED") << ": ";
+  if (too_noisy) {
+    out << "the differences are too noisy to judge: their round-off "
+           "allowance "
+        << noise << " exceeds 10 % of the gradient's scale " << gradient_scale
+        << " (use a larger step_scale, or subtract a constant from f); ";
+  }
+  out << num_failed << " of " << num_checked
       << " entries out of tolerance; max abs error " << max_abs_error
       << ", max rel error " << max_rel_error << ", atol " << atol
       << "; worst entry " << worst_position << " analytic " << worst_analytic
@@ -149,7 +154,8 @@ GradientCheckReport check_gradient(
           position_of(i, options.shape) + " +/- " + std::to_string(h));
     }
     numeric[k] = (plus - minus) / (2.0 * h);
-    roundoff[k] = kRoundoffUnits * std::numeric_limits<double>::epsilon() *
+    roundoff[k] = options.roundoff_units *
+                  std::numeric_limits<double>::epsilon() *
                   std::max(std::abs(plus), std::abs(minus)) / h;
   }
 
@@ -191,7 +197,22 @@ GradientCheckReport check_gradient(
     }
   }
   report.worst_position = position_of(report.worst_index, options.shape);
-  report.passed = report.num_failed == 0;
+
+  // Where the round-off allowance is not small next to the gradient, any
+  // gradient of that size would pass, so the check cannot judge it. An
+  // all-zero gradient that the differences also find exactly zero (a
+  // constant f) passes.
+  double largest_roundoff = 0.0;
+  double gradient_scale = scale;
+  for (std::size_t k = 0; k < indices.size(); ++k) {
+    largest_roundoff = std::max(largest_roundoff, roundoff[k]);
+    gradient_scale = std::max(gradient_scale, std::abs(analytic[indices[k]]));
+  }
+  report.noise = largest_roundoff;
+  report.gradient_scale = gradient_scale;
+  report.too_noisy = gradient_scale > 0.0 &&
+                     largest_roundoff > kMaxNoiseFraction * gradient_scale;
+  report.passed = report.num_failed == 0 && !report.too_noisy;
   return report;
 }
 

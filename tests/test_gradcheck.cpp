@@ -125,7 +125,7 @@ TEST_SUITE("gradcheck") {
   }
 
   TEST_CASE("atol follows numeric scale") {
-    // atol_i = atol_scale * max |numeric| + 1024 * DBL_EPSILON *
+    // atol_i = atol_scale * max |numeric| + 64 * DBL_EPSILON *
     // max(|f(x + h e_i)|, |f(x - h e_i)|) / h_i. f = 50 * sum x_i^2 at
     // x_i = 1 has numeric gradient 100 everywhere and f = 300 nearby.
     const double unit = std::numeric_limits<double>::epsilon();
@@ -139,7 +139,7 @@ TEST_SUITE("gradcheck") {
     INFO(report.summary());
     CHECK(report.passed);
     CHECK(report.atol ==
-          doctest::Approx(100.0 * 1e-9 + 1024.0 * unit * 300.0 * (1 + h) *
+          doctest::Approx(100.0 * 1e-9 + 64.0 * unit * 300.0 * (1 + h) *
                                              (1 + h) / h)
               .epsilon(1e-6));
 
@@ -160,6 +160,44 @@ TEST_SUITE("gradcheck") {
         small_f, x, Eigen::VectorXd::Zero(6), float_options);
     CHECK_FALSE(zero.passed);
     CHECK(zero.num_failed == 6);
+  }
+
+  TEST_CASE("noisy differences fail") {
+    // f = 1e5 + 1e-3 |x|^2 has a gradient of about 2e-3, while the
+    // round-off of f near 1e5 allows about 2.3e-4 per difference: wrong
+    // gradients of that size would pass, so the check fails as too noisy,
+    // even for the exact gradient. Without the offset it judges normally.
+    const Eigen::VectorXd x = random_point(8, 590);
+    for (double offset : {1e5, 0.0}) {
+      CAPTURE(offset);
+      const auto f = [offset](const Eigen::VectorXd& point) {
+        return offset + 1e-3 * point.squaredNorm();
+      };
+      const Eigen::VectorXd exact = 2e-3 * x;
+      const GradientCheckReport report = qrloss::check_gradient(f, x, exact);
+      const GradientCheckReport zero =
+          qrloss::check_gradient(f, x, Eigen::VectorXd::Zero(8));
+      CHECK_FALSE(zero.passed);
+      if (offset > 0.0) {
+        CHECK(report.too_noisy);
+        CHECK_FALSE(report.passed);
+        CHECK(contains(report.summary(), "too noisy to judge"));
+        CHECK(report.noise > 0.1 * report.gradient_scale);
+        CHECK(zero.too_noisy);
+      } else {
+        CHECK_FALSE(report.too_noisy);
+        CHECK_MESSAGE(report.passed, report.summary());
+        CHECK_FALSE(contains(report.summary(), "too noisy"));
+      }
+    }
+
+    // A constant f with an all-zero gradient has nothing to judge: both
+    // are exactly zero, so it passes.
+    const GradientCheckReport constant = qrloss::check_gradient(
+        [](const Eigen::VectorXd&) { return 3.0; }, x,
+        Eigen::VectorXd::Zero(8));
+    CHECK(constant.passed);
+    CHECK_FALSE(constant.too_noisy);
   }
 
   TEST_CASE("gradient off at one index fails") {
@@ -359,7 +397,7 @@ TEST_SUITE("gradcheck") {
     // float gradient passes, while a zero gradient and the true one times
     // 1.5 fail. So does a 1 % error at the smallest sampled entry above a
     // quarter of the largest (smaller entries sit near the round-off of
-    // the differences, about 7e-8 here).
+    // the differences, about 4e-9 here).
     const Shape shape{2, 5, 48, 48};
     GradientCheckOptions options = float_options(shape);
     options.indices = {5, 1234, 4321, 9999, 17000, 23039};
@@ -461,7 +499,7 @@ TEST_SUITE("gradcheck") {
       std::string message;
     };
 
-    std::vector<Case> cases(7);
+    std::vector<Case> cases(8);
     cases[0] = {"zero step", {}, "invalid step_scale: expected a finite value "
                                  "> 0, got 0"};
     cases[0].options.step_scale = 0.0;
@@ -490,6 +528,11 @@ TEST_SUITE("gradcheck") {
                                             "[4294967296,4294967296] does not "
                                             "match x of size 10"};
     cases[6].options.shape = {std::int64_t{1} << 32, std::int64_t{1} << 32};
+
+    cases[7] = {"negative roundoff_units", {}, "invalid roundoff_units: "
+                                               "expected a finite value >= 0, "
+                                               "got -1"};
+    cases[7].options.roundoff_units = -1.0;
 
     for (const Case& test : cases) {
       CAPTURE(test.name);

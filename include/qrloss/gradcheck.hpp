@@ -25,12 +25,17 @@ struct GradientCheckOptions {
   double rtol = 1e-6;
   /// Absolute tolerance as a fraction of max |numeric|, so that near-zero
   /// entries are judged on the scale of the whole gradient, even where
-  /// that scale is far below 1 (a mean over many pixels). An allowance
-  /// for the round-off of each difference, 1024 * DBL_EPSILON *
-  /// max(|f(x + h e_i)|, |f(x - h e_i)|) / h_i, is added to it: about
-  /// 4e-8 for an f of order 1 at the default step, which bounds the
-  /// smallest error the check can see in an entry.
+  /// that scale is far below 1 (a mean over many pixels). The round-off
+  /// allowance of each entry (roundoff_units) is added to it.
   double atol_scale = 1e-9;
+  /// Round-off allowance of each difference, in units of DBL_EPSILON *
+  /// max(|f(x + h e_i)|, |f(x - h e_i)|) / h_i: about 2.3e-9 for an f of
+  /// order 1 at the default step, the smallest error the check can see in
+  /// an entry. 64 covers f's own rounding for sums of thousands of terms;
+  /// an f whose terms cancel needs more (QR with C = 4096 needed 1024, with
+  /// a step of 1e-4). Where the largest allowance exceeds a tenth of the
+  /// gradient's scale the check fails as too noisy (see the report).
+  double roundoff_units = 64.0;
   /// Flat indices to check. When empty, every element is checked if there
   /// are at most max_elements, otherwise max_elements indices drawn with
   /// `seed`.
@@ -62,6 +67,15 @@ struct GradientCheckReport {
   /// The largest absolute tolerance used: atol_scale * max |numeric| plus
   /// an entry's round-off allowance.
   double atol = 0.0;
+  /// The largest round-off allowance, and the gradient's scale: the largest
+  /// |numeric| or |analytic| of the checked entries.
+  double noise = 0.0;
+  double gradient_scale = 0.0;
+  /// True when noise exceeds a tenth of a nonzero gradient_scale. The
+  /// differences then cannot tell a wrong gradient of that size from a
+  /// right one, so the check fails (passed is false) whatever the entries
+  /// give.
+  bool too_noisy = false;
   bool passed = false;
 
   /// One-line summary naming the worst entry, for test output and logs.
@@ -72,17 +86,18 @@ struct GradientCheckReport {
 ///   numeric_i = (f(x + h_i e_i) - f(x - h_i e_i)) / (2 h_i)
 /// An entry passes when |a - n| <= atol_i + rtol * max(|a|, |n|), where
 /// atol_i = atol_scale * max |numeric| + the round-off allowance of
-/// entry i (see GradientCheckOptions::atol_scale). A gradient whose
-/// entries are all far below 1 is thus judged on its own scale. The
-/// allowance covers an f whose rounding error is up to a few hundred
-/// units of |f|, as for QR with C = 4096 (whose two terms cancel); an f
-/// with heavier cancellation needs a larger step_scale.
+/// entry i (GradientCheckOptions::roundoff_units). A gradient whose
+/// entries are all far below 1 is thus judged on its own scale. The check
+/// fails as too noisy where that allowance is not small next to the
+/// gradient, for example for f = 1e5 + 1e-3 |x|^2, whose round-off hides
+/// a gradient of 2e-3.
 /// `f` is called twice per checked entry on a copy of x; x is not modified.
 /// @throws qrloss::invalid_argument if x and analytic differ in size, x is
 ///   empty, an index is out of range, f returns a non-finite value, or an
-///   option is invalid: step_scale not finite and > 0, rtol or atol_scale
-///   not finite and >= 0, max_elements below 1 (with no indices), or a
-///   non-empty shape whose element count differs from x's size.
+///   option is invalid: step_scale not finite and > 0, rtol, atol_scale
+///   or roundoff_units not finite and >= 0, max_elements below 1 (with no
+///   indices), or a non-empty shape whose element count differs from x's
+///   size.
 GradientCheckReport check_gradient(
     const std::function<double(const Eigen::VectorXd&)>& f,
     const Eigen::VectorXd& x, const Eigen::VectorXd& analytic,
