@@ -348,23 +348,31 @@ void check_rq_eps_zero_rejects(const std::vector<T>& probs,
   CHECK_FALSE(testing::any_nan(grad));
 }
 
-/// Checks that float RQ on probs and target, which are beyond float's
-/// arithmetic and so redone in double, equals the double call on the same
-/// values: the same loss bits, and the double gradient rounded to float.
-void check_float_rq_as_double(const std::vector<float>& probs,
+/// Checks that float RQ on probs (or logits) and target, which are beyond
+/// float's arithmetic and so redone in double, equals the double call on
+/// the same values: the same loss bits, and the double gradient rounded to
+/// float.
+void check_float_rq_as_double(const std::vector<float>& input,
                               const std::vector<float>& target,
-                              const Shape& shape,
-                              const LossOptions& options) {
-  const std::vector<double> probs64(probs.begin(), probs.end());
+                              const Shape& shape, const LossOptions& options,
+                              bool from_logits = false) {
+  const auto loss_of = [&](const auto* x, const auto* p, auto* grad) {
+    return from_logits ? qrloss::compute_loss_from_logits(
+                             LossKind::kRQ, x, p, grad, shape, options)
+                       : qrloss::compute_loss(LossKind::kRQ, x, p, grad,
+                                              shape, options);
+  };
+  const std::vector<double> input64(input.begin(), input.end());
   const std::vector<double> target64(target.begin(), target.end());
-  std::vector<double> grad64(probs.size());
-  const double loss64 = qrloss::rq_loss_grad(probs64.data(), target64.data(),
-                                             grad64.data(), shape, options);
+  std::vector<double> grad64(input.size());
+  const double loss64 =
+      loss_of(input64.data(), target64.data(), grad64.data());
+  CHECK(std::isfinite(loss64));
   CHECK(testing::same_bits(
-      qrloss::rq_loss(probs.data(), target.data(), shape, options), loss64));
-  std::vector<float> grad(probs.size());
-  CHECK(testing::same_bits(qrloss::rq_loss_grad(probs.data(), target.data(),
-                                                grad.data(), shape, options),
+      loss_of(input.data(), target.data(), static_cast<float*>(nullptr)),
+      loss64));
+  std::vector<float> grad(input.size());
+  CHECK(testing::same_bits(loss_of(input.data(), target.data(), grad.data()),
                            loss64));
   for (std::size_t i = 0; i < grad.size(); ++i) {
     CAPTURE(i);
@@ -1865,7 +1873,8 @@ TEST_SUITE("losses") {
 
   TEST_CASE_TEMPLATE("rq eps zero absent class logits", T, float, double) {
     // Class 1 sits 1e4 below the others, so softmax underflows to exactly 0
-    // for it at every pixel and its class sum is 0.
+    // for it at every pixel and its class sum is 0, in double too (float
+    // redoes the call in double, which then throws).
     const Shape shape{2, 3, 2, 3};
     std::vector<T> logits = testing::random_logits<T>(shape, 221);
     for (std::int64_t b = 0; b < 2; ++b) {
@@ -1880,8 +1889,25 @@ TEST_SUITE("losses") {
           qrloss::rq_loss_grad_from_logits(logits.data(), target.data(),
                                            grad.data(), shape, options);
         },
-        "rq_loss_grad_from_logits: undefined loss: class 1 has zero total "
-        "probability");
+        "rq_loss_grad_from_logits: undefined loss: class 1 of "
+        "softmax(logits) has zero total probability");
+  }
+
+  TEST_CASE("rq eps zero float softmax underflow redone") {
+    // Class 1 sits 200 below the others: float's softmax rounds it to 0,
+    // so its class total is 0 and the loss would be undefined, while in
+    // exact arithmetic (and in double) every q is positive. The float call
+    // is redone in double and equals the double call on the same logits.
+    const Shape shape{2, 3, 2, 2};
+    std::vector<float> logits(24, 0.0f);
+    for (int b = 0; b < 2; ++b) {
+      for (int n = 0; n < 4; ++n) logits[b * 12 + 4 + n] = -200.0f;
+    }
+    const std::vector<float> target = testing::random_simplex<float>(shape,
+                                                                      224);
+    LossOptions options;
+    options.eps = 0.0;
+    check_float_rq_as_double(logits, target, shape, options, true);
   }
 
   TEST_CASE_TEMPLATE("qr eps zero infinite loss logits", T, float, double) {

@@ -19,7 +19,11 @@ namespace qrloss {
 struct GradientCheckOptions {
   /// Relative step: h_i = step_scale * max(1, |x_i|). The default,
   /// cbrt(DBL_EPSILON) ~ 6e-6, balances truncation error (~h^2) against
-  /// round-off (~DBL_EPSILON / h).
+  /// round-off (~DBL_EPSILON / h). Below |x_i| = 1 the step stays at
+  /// step_scale, so entries far below 1, such as probabilities near 0,
+  /// need a smaller step_scale or a check through logits: a step near an
+  /// entry's size gives large truncation errors, and a larger one leaves
+  /// the domain (the losses reject negative probs).
   double step_scale = 6.0554544523933395e-06;
   /// Relative tolerance of the pass test.
   double rtol = 1e-6;

@@ -130,9 +130,10 @@ double qr_loss_grad(const T* probs, const T* target, T* dL_dq,
 /// total below about 2.9e-39 with eps = 0, or above about 8.5e37), a
 /// pixel sum of q p / s_c beyond float's range, and, with eps = 0, the
 /// ratio r / q whose log the loss takes (r / q overflows where q is
-/// subnormal). In double these cases throw: below about 5.6e-309, above
-/// about 4.5e307, for a pixel sum beyond double's range, and for an
-/// infinite loss.
+/// subnormal). From logits with eps = 0 it also covers a class whose float
+/// softmax underflows to 0 at every pixel. In double these cases throw:
+/// below about 5.6e-309, above about 4.5e307, for a pixel sum beyond
+/// double's range, for an infinite loss, and for a class total of 0.
 template <typename T>
 double rq_loss(const T* probs, const T* target, const Shape& shape,
                const LossOptions& options = {});

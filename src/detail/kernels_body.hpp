@@ -867,11 +867,16 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
       smallest_class = c;
     }
     if (eps_zero && S == 0.0) {
-      throw invalid_argument(
-          std::string(function) + ": undefined loss: class " +
-          std::to_string(c) +
-          " has zero total probability over the batch and eps = 0, so "
-          "z = q / s_c is 0/0; use eps > 0");
+      // From logits every q is positive in exact arithmetic, and a float
+      // softmax that underflowed to 0 may not in double: such a call falls
+      // through to the redo in double below (1 / s_c is inf).
+      if constexpr (!(std::is_same_v<T, float> && kFromLogits)) {
+        throw invalid_argument(
+            std::string(function) + ": undefined loss: class " +
+            std::to_string(c) + (kFromLogits ? " of softmax(logits)" : "") +
+            " has zero total probability over the batch and eps = 0, so "
+            "z = q / s_c is 0/0; use eps > 0");
+      }
     }
     const double s = std::max(S, call.eps);
     // With eps > 0, s >= 1e-20 and 1 / s fits in float. A subnormal 1 / s
