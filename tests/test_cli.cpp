@@ -134,6 +134,21 @@ void write_filled(const std::string& path, const qrloss::Shape& shape,
   npy::write(path, data.data(), shape);
 }
 
+// A temporary directory with 2x3 probs and target files for eval, and the
+// paths of its gradient and stderr files, for the stdout failure tests.
+struct SmallEvalFiles {
+  testing::TempDir dir{"qrloss_test_cli_"};
+  std::string probs = dir.file("probs.npy");
+  std::string target = dir.file("target.npy");
+  std::string grad = dir.file("grad.npy");
+  std::string err = dir.file("stderr.txt");
+
+  SmallEvalFiles() {
+    write_filled(probs, {2, 3}, 1.0 / 3.0);
+    write_filled(target, {2, 3}, 0.5);
+  }
+};
+
 #define QRLOSS_REQUIRE_EXE_()                                       \
   if (qrloss_exe().empty()) {                                       \
     MESSAGE("skipped: QRLOSS_EXE is not set (meson test sets it)"); \
@@ -719,13 +734,11 @@ TEST_SUITE("cli") {
     QRLOSS_REQUIRE_EXE_();
     REQUIRE(fs::exists("/dev/full"));
 
-    testing::TempDir dir("qrloss_test_cli_");
-    const std::string probs = dir.file("probs.npy");
-    const std::string target = dir.file("target.npy");
-    const std::string grad = dir.file("grad.npy");
-    const std::string err = dir.file("stderr.txt");
-    write_filled(probs, {2, 3}, 1.0 / 3.0);
-    write_filled(target, {2, 3}, 0.5);
+    const SmallEvalFiles files;
+    const std::string& probs = files.probs;
+    const std::string& target = files.target;
+    const std::string& grad = files.grad;
+    const std::string& err = files.err;
 
     const std::vector<std::vector<std::string>> commands = {
         {"eval", "--loss", "qr", "--probs", probs, "--target", target,
@@ -758,17 +771,13 @@ TEST_SUITE("cli") {
     // restores the default action first, since an ignored signal would be
     // inherited and hide a qrloss that does not ignore it itself.
     QRLOSS_REQUIRE_EXE_();
-    testing::TempDir dir("qrloss_test_cli_");
-    const std::string probs = dir.file("probs.npy");
-    const std::string target = dir.file("target.npy");
-    const std::string grad = dir.file("grad.npy");
-    const std::string err = dir.file("stderr.txt");
-    write_filled(probs, {2, 3}, 1.0 / 3.0);
-    write_filled(target, {2, 3}, 0.5);
+    const SmallEvalFiles files;
+    const std::string& grad = files.grad;
+    const std::string& err = files.err;
     const std::string exe = qrloss_exe();
-    std::vector<std::string> args = {exe,      "eval",      "--loss",
-                                     "qr",     "--probs",   probs,
-                                     "--target", target,    "--grad-out",
+    std::vector<std::string> args = {exe,      "eval",       "--loss",
+                                     "qr",     "--probs",    files.probs,
+                                     "--target", files.target, "--grad-out",
                                      grad};
     std::vector<char*> argv;
     for (std::string& arg : args) argv.push_back(arg.data());
