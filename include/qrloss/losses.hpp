@@ -208,50 +208,12 @@ double compute_loss_from_logits(LossKind kind, const T* logits, const T* target,
 
 // ---------------------------------------------------------------------------
 // Eigen::TensorMap interface: the same functions over rank-2 or rank-4
-// row-major TensorMaps (for example ConstTensorView<float, 4>). The gradient
-// map is taken by value, so a temporary view of a buffer works too; it must
-// be a writable TensorMap, since an Eigen::Tensor would be copied and the
+// row-major TensorMaps (for example ConstTensorView<float, 4>). The input is
+// probs or logits, as the function's name states. The gradient map is taken
+// by value, so a temporary view of a buffer works too. It must be a
+// writable TensorMap, because an Eigen::Tensor would be copied and the
 // gradient lost (GradMapCheck stops such a call at compile time).
 // ---------------------------------------------------------------------------
-
-#define QRLOSS_TENSOR_MAP_OVERLOADS_(name)                                     \
-  template <typename ProbsMap, typename TargetMap,                             \
-            typename = std::enable_if_t<                                       \
-                detail::is_tensor_map<ProbsMap>::value &&                      \
-                detail::is_tensor_map<TargetMap>::value>>                      \
-  double name(const ProbsMap& first, const TargetMap& target,                  \
-              const LossOptions& options = {}) {                               \
-    if constexpr (detail::LossMapCheck<ProbsMap, TargetMap>::value) {          \
-      detail::check_same_shape(#name, "target", detail::shape_of(first),       \
-                               detail::shape_of(target));                      \
-      return name(first.data(), target.data(), detail::shape_of(first),        \
-                  options);                                                    \
-    } else {                                                                   \
-      return 0.0; /* LossMapCheck failed: compilation stops */                 \
-    }                                                                          \
-  }                                                                            \
-  template <typename ProbsMap, typename TargetMap, typename GradMap,           \
-            typename = std::enable_if_t<                                       \
-                detail::is_tensor_map<ProbsMap>::value &&                      \
-                detail::is_tensor_map<TargetMap>::value &&                     \
-                detail::is_tensor_map<GradMap>::value>>                        \
-  double name##_grad(const ProbsMap& first, const TargetMap& target,           \
-                     GradMap grad, const LossOptions& options = {}) {          \
-    if constexpr (detail::LossMapCheck<ProbsMap, TargetMap,                    \
-                                       GradMap>::value &&                      \
-                  detail::GradMapCheck<GradMap>::value) {                      \
-      detail::check_same_shape(#name "_grad", "target",                        \
-                               detail::shape_of(first),                        \
-                               detail::shape_of(target));                      \
-      detail::check_same_shape(#name "_grad", "gradient",                      \
-                               detail::shape_of(first),                        \
-                               detail::shape_of(grad));                        \
-      return name##_grad(first.data(), target.data(), grad.data(),             \
-                         detail::shape_of(first), options);                    \
-    } else {                                                                   \
-      return 0.0; /* LossMapCheck failed: compilation stops */                 \
-    }                                                                          \
-  }
 
 namespace detail {
 /// Throws unless `actual` equals `expected`; names the function and tensor.
@@ -259,58 +221,50 @@ void check_same_shape(const char* function, const char* tensor,
                       const Shape& expected, const Shape& actual);
 }  // namespace detail
 
-QRLOSS_TENSOR_MAP_OVERLOADS_(qr_loss)
-QRLOSS_TENSOR_MAP_OVERLOADS_(rq_loss)
-
-// The logits variants are named qr_loss_from_logits / ..._grad_from_logits,
-// so they get their own pair of overloads.
-#define QRLOSS_TENSOR_MAP_LOGITS_OVERLOADS_(prefix)                            \
-  template <typename LogitsMap, typename TargetMap,                            \
+#define QRLOSS_TENSOR_MAP_OVERLOADS_(loss, loss_grad)                          \
+  template <typename InputMap, typename TargetMap,                             \
             typename = std::enable_if_t<                                       \
-                detail::is_tensor_map<LogitsMap>::value &&                     \
+                detail::is_tensor_map<InputMap>::value &&                      \
                 detail::is_tensor_map<TargetMap>::value>>                      \
-  double prefix##_from_logits(const LogitsMap& logits,                         \
-                              const TargetMap& target,                         \
-                              const LossOptions& options = {}) {               \
-    if constexpr (detail::LossMapCheck<LogitsMap, TargetMap>::value) {         \
-      detail::check_same_shape(#prefix "_from_logits", "target",               \
-                               detail::shape_of(logits),                       \
+  double loss(const InputMap& input, const TargetMap& target,                  \
+              const LossOptions& options = {}) {                               \
+    if constexpr (detail::LossMapCheck<InputMap, TargetMap>::value) {          \
+      detail::check_same_shape(#loss, "target", detail::shape_of(input),       \
                                detail::shape_of(target));                      \
-      return prefix##_from_logits(logits.data(), target.data(),                \
-                                  detail::shape_of(logits), options);          \
+      return loss(input.data(), target.data(), detail::shape_of(input),        \
+                  options);                                                    \
     } else {                                                                   \
       return 0.0; /* LossMapCheck failed: compilation stops */                 \
     }                                                                          \
   }                                                                            \
-  template <typename LogitsMap, typename TargetMap, typename GradMap,          \
+  template <typename InputMap, typename TargetMap, typename GradMap,           \
             typename = std::enable_if_t<                                       \
-                detail::is_tensor_map<LogitsMap>::value &&                     \
+                detail::is_tensor_map<InputMap>::value &&                      \
                 detail::is_tensor_map<TargetMap>::value &&                     \
                 detail::is_tensor_map<GradMap>::value>>                        \
-  double prefix##_grad_from_logits(const LogitsMap& logits,                    \
-                                   const TargetMap& target, GradMap grad,      \
-                                   const LossOptions& options = {}) {          \
-    if constexpr (detail::LossMapCheck<LogitsMap, TargetMap,                   \
+  double loss_grad(const InputMap& input, const TargetMap& target,             \
+                   GradMap grad, const LossOptions& options = {}) {            \
+    if constexpr (detail::LossMapCheck<InputMap, TargetMap,                    \
                                        GradMap>::value &&                      \
                   detail::GradMapCheck<GradMap>::value) {                      \
-      detail::check_same_shape(#prefix "_grad_from_logits", "target",          \
-                               detail::shape_of(logits),                       \
+      detail::check_same_shape(#loss_grad, "target",                           \
+                               detail::shape_of(input),                        \
                                detail::shape_of(target));                      \
-      detail::check_same_shape(#prefix "_grad_from_logits", "gradient",        \
-                               detail::shape_of(logits),                       \
+      detail::check_same_shape(#loss_grad, "gradient",                         \
+                               detail::shape_of(input),                        \
                                detail::shape_of(grad));                        \
-      return prefix##_grad_from_logits(logits.data(), target.data(),           \
-                                       grad.data(),                            \
-                                       detail::shape_of(logits), options);     \
+      return loss_grad(input.data(), target.data(), grad.data(),               \
+                       detail::shape_of(input), options);                      \
     } else {                                                                   \
       return 0.0; /* LossMapCheck failed: compilation stops */                 \
     }                                                                          \
   }
 
-QRLOSS_TENSOR_MAP_LOGITS_OVERLOADS_(qr_loss)
-QRLOSS_TENSOR_MAP_LOGITS_OVERLOADS_(rq_loss)
+QRLOSS_TENSOR_MAP_OVERLOADS_(qr_loss, qr_loss_grad)
+QRLOSS_TENSOR_MAP_OVERLOADS_(rq_loss, rq_loss_grad)
+QRLOSS_TENSOR_MAP_OVERLOADS_(qr_loss_from_logits, qr_loss_grad_from_logits)
+QRLOSS_TENSOR_MAP_OVERLOADS_(rq_loss_from_logits, rq_loss_grad_from_logits)
 
 #undef QRLOSS_TENSOR_MAP_OVERLOADS_
-#undef QRLOSS_TENSOR_MAP_LOGITS_OVERLOADS_
 
 }  // namespace qrloss
