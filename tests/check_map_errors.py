@@ -1,11 +1,11 @@
 """Checks the compile-time errors of the TensorMap loss overloads.
 
-A map that the losses cannot take (column-major, rank 3, int scalars,
-float and double mixed in one call, or a gradient that is an Eigen::Tensor
-or a map of const scalars) must stop compilation with the static_assert
-message of qrloss::detail::LossMapCheck or GradMapCheck as its first
-error, not with a failed overload resolution or, for a Tensor gradient,
-not at all. A valid row-major call must compile, so that a broken
+The losses cannot take a column-major map, rank 3, int scalars, float
+and double mixed in one call, or a gradient that is an Eigen::Tensor or a
+map of const scalars. Each must stop compilation, and the first error must
+be the static_assert message of qrloss::detail::LossMapCheck or
+GradMapCheck. Before these checks, such calls failed overload resolution,
+or, for a Tensor gradient, compiled and lost the gradient. A valid row-major call must compile, so that a broken
 compiler command cannot pass the test.
 
 Usage: check_map_errors.py INCLUDE_DIR EIGEN_INCLUDE_DIR COMPILER [ARGS...]
