@@ -933,7 +933,9 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
       // tiny q can be subnormal and lose digits that z p keeps. With
       // q = 1.4e-45 and a clamped s_c = 1e-8, q p first gave a gradient
       // 22 % off the double one.
-      std::fill(pixel_sum, pixel_sum + n, 0.0);
+      // The first class starts the sums from 0.0 + u, the same value as
+      // adding to a zeroed row, without zeroing it first (GCC turns such a
+      // fill into a memset call: 5 % of the samples of in-cache RQ).
       for (Index c = 0; c < C; ++c) {
         const T* q = probs.row(c);
         const Index offset = geometry.offset(b, c, p0);
@@ -942,10 +944,18 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         prefetch_ahead(q, n);
         prefetch_ahead(p, n);
         Flag<T> bad = 0;
-        QRLOSS_SIMD_LOOP_FLAGS
-        for (Index i = 0; i < n; ++i) {
-          pixel_sum[i] += static_cast<double>(q[i] * scale * p[i]);
-          bad |= invalid_flag(p[i], ValueRule::kNonNegative);
+        if (c == 0) {
+          QRLOSS_SIMD_LOOP_FLAGS
+          for (Index i = 0; i < n; ++i) {
+            pixel_sum[i] = 0.0 + static_cast<double>(q[i] * scale * p[i]);
+            bad |= invalid_flag(p[i], ValueRule::kNonNegative);
+          }
+        } else {
+          QRLOSS_SIMD_LOOP_FLAGS
+          for (Index i = 0; i < n; ++i) {
+            pixel_sum[i] += static_cast<double>(q[i] * scale * p[i]);
+            bad |= invalid_flag(p[i], ValueRule::kNonNegative);
+          }
         }
         if (call.check && bad != 0) {
           log_first_invalid(p, n, ValueRule::kNonNegative, offset, chunk,
