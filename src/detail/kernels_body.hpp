@@ -970,12 +970,14 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
       for (Index i = 0; i < n; ++i) {
         abar[i] = pixel_sum[i] < kPixelSumFloor ? kPixelSumFloor : pixel_sum[i];
       }
-      // A pixel sum beyond T's range would make r = u / t zero.
+      // A pixel sum beyond T's range would make r = u / t zero. 1 / t
+      // divides in T: a division in double per pixel cost 5 % of in-cache
+      // RQ in float, and w = p / (s_c t) needs no more than T's precision.
       Flag<T> bad = 0;
       QRLOSS_SIMD_LOOP_FLAGS
       for (Index i = 0; i < n; ++i) {
         clamped_sum[i] = static_cast<T>(abar[i]);
-        inv_t[i] = static_cast<T>(1.0 / abar[i]);
+        inv_t[i] = T(1) / clamped_sum[i];
         abar[i] = 0.0;
         loss_sum[i] = 0.0;
         bad |= invalid_flag(clamped_sum[i], ValueRule::kFinite);
