@@ -358,7 +358,7 @@ struct Rows {
 
 /// Provides q for a tile: the caller's probs, or the softmax of the logits
 /// computed into the thread's scratch. Scans logits when `log` is set;
-/// probs are checked by the pass's own sums (ChunkSums::add_checked).
+/// probs are checked by the pass's own sums (ChunkSums::add_streamed).
 template <typename T, bool kFromLogits>
 Rows<T> load_probs(const Geometry& geometry, const T* input, Index b, Index p0,
                    Index n, Index tile, Workspace<T>& space, Index chunk,
@@ -407,9 +407,10 @@ Rows<T> cached_probs(const Geometry& geometry, const T* grad, Index b,
 template <typename T, bool kFromLogits>
 void add_probs_row(ChunkSums& sums, Index k, const T* q, Index n,
                    Index row_offset, Index chunk, BadIndexLog* log) {
-  if (kFromLogits || log == nullptr) {
+  constexpr ValueRule kRule = ValueRule::kNonNegative;
+  if (kFromLogits) {
     sums.add(k, q, n);
-  } else if (!sums.add_checked(k, q, n, ValueRule::kNonNegative)) {
+  } else if (!sums.add_streamed(k, q, n, log != nullptr ? &kRule : nullptr)) {
     log_first_invalid(q, n, ValueRule::kNonNegative, row_offset, chunk, *log);
   }
 }

@@ -9,6 +9,7 @@
 
 #include "detail/isa.hpp"
 #include "detail/passes.hpp"
+#include "detail/vmath.hpp"
 
 namespace qrloss::detail::QRLOSS_ISA {
 
@@ -143,27 +144,34 @@ class ChunkSums {
       return static_cast<double>(x[i]) * static_cast<double>(y[i]);
     });
   }
-  /// add(), which also returns whether every x[i] satisfies the rule: one
-  /// read of the row instead of two.
+  /// add() for a long row of the caller's memory, such as a class row of a
+  /// chunk: each step also prefetches the row kStreamAheadBytes ahead into
+  /// L1. With a rule it returns whether every x[i] satisfies it, so the row
+  /// is read once for both.
   template <typename T>
-  bool add_checked(Index k, const T* x, Index n, ValueRule rule) {
-    return add_each<T>(k, n, [&](Index i, Flag<T>& bad) {
-             bad |= invalid_flag(x[i], rule);
-             return x[i];
-           }) == 0;
+  bool add_streamed(Index k, const T* x, Index n, const ValueRule* rule) {
+    return add_each<T>(
+               k, n,
+               [&](Index i, Flag<T>& bad) {
+                 if (rule != nullptr) bad |= invalid_flag(x[i], *rule);
+                 return x[i];
+               },
+               x) == 0;
   }
   /// Adds step(i, flag) to sum k for every i < n, in the lane order of
   /// add(), and returns the | of the flags that step sets. A step may also
   /// write results of its own element, so that one loop does what would
-  /// otherwise take several passes over the same rows.
+  /// otherwise take several passes over the same rows. Given `stream`, the
+  /// row that the steps read, it prefetches that row ahead.
   template <typename T, typename Step>
-  Flag<T> add_each(Index k, Index n, Step&& step) {
+  Flag<T> add_each(Index k, Index n, Step&& step, const T* stream = nullptr) {
     double* lanes = lanes_ + k * kLanes;
     double acc[kLanes];
     std::copy(lanes, lanes + kLanes, acc);
     Flag<T> bad[kLanes] = {};
     Index i = 0;
     for (; i + kLanes <= n; i += kLanes) {
+      if (stream != nullptr) prefetch_stream<T, kLanes>(stream + i);
       for (int j = 0; j < kLanes; ++j) {
         acc[j] += static_cast<double>(step(i + j, bad[j]));
       }
