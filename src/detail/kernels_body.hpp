@@ -10,6 +10,7 @@
 // docs/derivations.md derives every formula used here and describes the
 // passes.
 
+#include "detail/divide.hpp"
 #include "detail/isa.hpp"
 #include "detail/lanes.hpp"
 #include "detail/softmax_tile.hpp"
@@ -963,8 +964,9 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
                             bad_target);
         }
       }
-      // w multiplies by 1/t; r divides u itself, so that a pixel with one
-      // nonzero u gets r = 1 exactly and its class terms cancel exactly.
+      // w multiplies by 1/t; r is u / t correctly rounded (divide_exactly),
+      // so that a pixel with one nonzero u gets r = 1 exactly and its class
+      // terms cancel exactly.
       // (GCC 12 leaves a loop scalar when it mixes a select with a
       // double-to-float conversion, so the clamp has a loop of its own.)
       QRLOSS_SIMD_LOOP
@@ -1006,7 +1008,8 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           T* d = a;  // d is kept in a until the loop below overwrites it
           QRLOSS_SIMD_LOOP
           for (Index i = 0; i < n; ++i) {
-            const T ri = q[i] * scale * p[i] / clamped_sum[i];
+            const T ri =
+                divide_exactly(q[i] * scale * p[i], clamped_sum[i], inv_t[i]);
             const T inverse = T(1) / (q[i] + eps);
             const T di = (ri - q[i]) * inverse;
             r[i] = ri;
@@ -1038,7 +1041,8 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           QRLOSS_SIMD_LOOP
           for (Index i = 0; i < n; ++i) {
             w[i] = p[i] * scale * inv_t[i];
-            r[i] = q[i] * scale * p[i] / clamped_sum[i];
+            r[i] =
+                divide_exactly(q[i] * scale * p[i], clamped_sum[i], inv_t[i]);
           }
           log_to(w, a, n);
           QRLOSS_SIMD_LOOP
