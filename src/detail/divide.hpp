@@ -1,5 +1,5 @@
 #pragma once
-// Division helpers for the kernel variants (see detail/isa.hpp).
+// A division helper for the kernel variants (see detail/isa.hpp).
 
 #include <cmath>
 

@@ -973,8 +973,8 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
       for (Index i = 0; i < n; ++i) {
         abar[i] = pixel_sum[i] < kPixelSumFloor ? kPixelSumFloor : pixel_sum[i];
       }
-      // A pixel sum beyond T's range would make r = u / t zero. 1 / t
-      // divides in T: a division in double per pixel cost 5 % of in-cache
+      // A pixel sum beyond T's range would make r = u / t zero. 1 / t is
+      // divided in T: a division in double per pixel cost 5 % of in-cache
       // RQ in float, and w = p / (s_c t) needs no more than T's precision.
       Flag<T> bad = 0;
       QRLOSS_SIMD_LOOP_FLAGS

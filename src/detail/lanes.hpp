@@ -144,10 +144,10 @@ class ChunkSums {
       return static_cast<double>(x[i]) * static_cast<double>(y[i]);
     });
   }
-  /// add() for a long row of the caller's memory, such as a class row of a
-  /// chunk: each step also prefetches the row kStreamAheadBytes ahead into
-  /// L1. With a rule it returns whether every x[i] satisfies it, so the row
-  /// is read once for both.
+  /// Adds a long row of the caller's memory, such as a class row of a
+  /// chunk, to sum k as add() does, and prefetches the row
+  /// kStreamAheadBytes ahead into L1. Given a rule, it also returns whether
+  /// every x[i] satisfies it, so the row is read once for both.
   template <typename T>
   bool add_streamed(Index k, const T* x, Index n, const ValueRule* rule) {
     return add_each<T>(
