@@ -346,7 +346,10 @@ void add_eval_command(CLI::App& app) {
 
   eval->add_option("--eps", settings->eps,
                    "Constant added inside every log; 0 or a number in [1e-20, 1e20]. "
-                   "0 is allowed but zero probabilities may then give inf")
+                   "With 0, QR with a zero target where the probability is "
+                   "positive gives an infinite loss (\"loss\": null) and +inf "
+                   "gradient entries, and a class whose probabilities are all "
+                   "0 gets -inf entries; from --logits that is an error")
       ->type_name("X")
       ->check(CLI::Validator(
           [](std::string& text) { return check_eps_text(text); }, ""))
