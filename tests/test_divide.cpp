@@ -1,7 +1,8 @@
 // detail::divide_exactly, which RQ uses for r = u / t. With FMA it forms
-// the quotient from the reciprocal of t, and it must round exactly as the
-// division does: one-hot pixels rely on r = 1 exactly, and the results of
-// the FMA variants must equal those of the baseline variant.
+// the quotient from the reciprocal of t, and within its documented range
+// it must round exactly as the division does: one-hot pixels rely on
+// r = 1 exactly, and RQ divides outside that range, so that every variant
+// gives the same r.
 
 #include <doctest/doctest.h>
 
@@ -88,6 +89,45 @@ TEST_SUITE("divide") {
     CHECK(check.wrong == 0);
     // Without the correction about a quarter of these quotients are off.
     CHECK(check.product_off > check.pairs / 20);
+  }
+
+  TEST_CASE_TEMPLATE("divide_exactly at the ends of its range", T, float,
+                     double) {
+    if (!has_fma()) {
+      MESSAGE("skipped: this CPU has no AVX2 and FMA");
+      return;
+    }
+    using qrloss::detail::isa_divide_test::kExactDividendMin;
+    using qrloss::detail::isa_divide_test::kExactDivisorMax;
+    const int low = std::ilogb(kExactDividendMin<T>);
+    const int high = std::ilogb(kExactDivisorMax<T>);
+    std::mt19937_64 rng(41);
+    // Dividends in the lowest binades of the range, divisors from the
+    // clamp 1e-12 to 1; then divisors in the highest binades.
+    Comparison<T> low_end;
+    Comparison<T> high_end;
+    for (int k = 0; k < 500000; ++k) {
+      low_end.add(random_normal<T>(rng, low, low + 4),
+                  random_normal<T>(rng, -40, -1));
+      const T t = random_normal<T>(rng, high - 4, high - 1);
+      high_end.add(t * random_normal<T>(rng, -60, -1), t);
+    }
+    CAPTURE(low_end.first_u);
+    CAPTURE(low_end.first_t);
+    CHECK(low_end.wrong == 0);
+    CAPTURE(high_end.first_u);
+    CAPTURE(high_end.first_t);
+    CHECK(high_end.wrong == 0);
+    // Near the smallest normal dividend the residual loses bits to
+    // underflow, which is why RQ divides below the range: some quotients
+    // come out one unit off.
+    const int smallest = std::numeric_limits<T>::min_exponent - 1;
+    Comparison<T> below;
+    for (int k = 0; k < 500000; ++k) {
+      below.add(random_normal<T>(rng, smallest, smallest + 8),
+                random_normal<T>(rng, -40, -1));
+    }
+    CHECK(below.wrong > 0);
   }
 
   TEST_CASE("divide_exactly on every float significand") {

@@ -2254,6 +2254,30 @@ TEST_SUITE("losses") {
     CHECK(testing::max_error_over_max(grad32, grad64) <= 1e-5);
   }
 
+  TEST_CASE("rq quotient bits outside the reciprocal range") {
+    // r = u / t comes from 1 / t through FMAs in the AVX2 and AVX-512
+    // variants, which is the rounded quotient only for u >= 2^-100 and
+    // t <= 2^126 in float. Outside that range RQ divides. The expected
+    // values are what the division gives (the baseline variant, and every
+    // variant before the FMA quotient). With the FMA quotient everywhere,
+    // the other variants gave 0x1.858fd2p-19 and 0.30437715351581573.
+    const Shape shape{1, 2};
+    LossOptions options;
+    options.eps = 1e-3;
+    const std::vector<float> tiny_probs = {0x1.f9ae2p-130f, 0x1p-140f};
+    const std::vector<float> ones = {1.0f, 1.0f};
+    std::vector<float> grad(2);
+    qrloss::rq_loss_grad(tiny_probs.data(), ones.data(), grad.data(), shape,
+                         options);
+    CHECK(grad[0] == 0x1.858fd4p-19f);
+
+    const std::vector<float> halves = {0.5f, 0.5f};
+    const std::vector<float> huge_target = {0x1.4dd0bap+124f,
+                                            0x1.142cacp+127f};
+    CHECK(qrloss::rq_loss(halves.data(), huge_target.data(), shape) ==
+          0.30437713861465454);
+  }
+
   TEST_CASE("rq huge target pixel sum") {
     // At pixel 0, z = q / s_c is near 1 for both classes, so the pixel sum
     // of z p exceeds the type's range. r = u / t then came out 0, and float

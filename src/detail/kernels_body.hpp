@@ -751,6 +751,19 @@ template <typename T, bool kFromLogits>
 double rq_impl(const char* function, const T* input, const T* target, T* grad,
                const Shape& shape, const LossOptions& options);
 
+/// Returns 2 for a dividend u > 0 below divide_exactly's range, else 0:
+/// bit 1 of a flag whose bit 0 marks invalid input.
+template <typename T>
+inline Flag<T> below_exact_dividend(T u) {
+  return static_cast<Flag<T>>((u > T(0)) & (u < kExactDividendMin<T>)) << 1;
+}
+
+/// Returns 2 for a divisor above divide_exactly's range (or NaN), else 0.
+template <typename T>
+inline Flag<T> above_exact_divisor(T t) {
+  return static_cast<Flag<T>>(!(t <= kExactDivisorMax<T>)) << 1;
+}
+
 /// Redoes a float RQ call in double and rounds dL/dq (or dL/dx) to float.
 /// It serves calls beyond float's arithmetic although the results fit:
 /// 1 / s_c or a pixel sum outside float's normal range, or, with eps = 0
@@ -964,18 +977,21 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
                             bad_target);
         }
       }
-      // w multiplies by 1/t; r is u / t correctly rounded (divide_exactly),
-      // so that a pixel with one nonzero u gets r = 1 exactly and its class
-      // terms cancel exactly.
+      // w multiplies by 1/t; r is u / t correctly rounded (divide_exactly,
+      // or the division in a tile outside its range), so that a pixel with
+      // one nonzero u gets r = 1 exactly and its class terms cancel
+      // exactly.
       // (GCC 12 leaves a loop scalar when it mixes a select with a
       // double-to-float conversion, so the clamp has a loop of its own.)
       QRLOSS_SIMD_LOOP
       for (Index i = 0; i < n; ++i) {
         abar[i] = pixel_sum[i] < kPixelSumFloor ? kPixelSumFloor : pixel_sum[i];
       }
-      // A pixel sum beyond T's range would make r = u / t zero. 1 / t is
-      // divided in T: a division in double per pixel cost 5 % of in-cache
-      // RQ in float, and w = p / (s_c t) needs no more than T's precision.
+      // A pixel sum beyond T's range would make r = u / t zero (NaN
+      // through divide_exactly), so such a call is redone in double or
+      // throws. 1 / t is divided in T: a division in double per pixel cost
+      // 5 % of in-cache RQ in float, and w = p / (s_c t) needs no more than
+      // T's precision. Bit 1 marks a t above divide_exactly's range.
       Flag<T> bad = 0;
       QRLOSS_SIMD_LOOP_FLAGS
       for (Index i = 0; i < n; ++i) {
@@ -983,9 +999,12 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         inv_t[i] = T(1) / clamped_sum[i];
         abar[i] = 0.0;
         loss_sum[i] = 0.0;
-        bad |= invalid_flag(clamped_sum[i], ValueRule::kFinite);
+        bad |= invalid_flag(clamped_sum[i], ValueRule::kFinite) |
+               above_exact_divisor(clamped_sum[i]);
       }
-      if (bad != 0) sum_overflowed[static_cast<std::size_t>(chunk)] = 1;
+      if ((bad & 1) != 0) sum_overflowed[static_cast<std::size_t>(chunk)] = 1;
+      // Some t above divide_exactly's range: the tile divides.
+      const bool divide_tile = (bad & 2) != 0;
 
       // r, the loss terms and abar = sum_c a_c r_c.
       for (Index c = 0; c < C; ++c) {
@@ -1006,16 +1025,27 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           T* x = space.tmp1.data();
           T* log_x = space.tmp2.data();
           T* d = a;  // d is kept in a until the loop below overwrites it
-          QRLOSS_SIMD_LOOP
-          for (Index i = 0; i < n; ++i) {
-            const T ri =
-                divide_exactly(q[i] * scale * p[i], clamped_sum[i], inv_t[i]);
-            const T inverse = T(1) / (q[i] + eps);
-            const T di = (ri - q[i]) * inverse;
-            r[i] = ri;
-            q_share[i] = q[i] * inverse;  // dL/dq's q / (q + eps)
-            d[i] = di;
-            x[i] = di >= T(-0.5) ? T(1) + di : (ri + eps) * inverse;
+          // Returns 2 where some u lay below divide_exactly's range, and
+          // the row is then formed again by division.
+          const auto form_r = [&](auto use_reciprocal) {
+            Flag<T> bad = 0;
+            QRLOSS_SIMD_LOOP_FLAGS
+            for (Index i = 0; i < n; ++i) {
+              const T u = q[i] * scale * p[i];
+              const T ri = quotient<decltype(use_reciprocal)::value>(
+                  u, clamped_sum[i], inv_t[i]);
+              const T inverse = T(1) / (q[i] + eps);
+              const T di = (ri - q[i]) * inverse;
+              r[i] = ri;
+              q_share[i] = q[i] * inverse;  // dL/dq's q / (q + eps)
+              d[i] = di;
+              x[i] = di >= T(-0.5) ? T(1) + di : (ri + eps) * inverse;
+              bad |= below_exact_dividend(u);
+            }
+            return bad;
+          };
+          if (divide_tile || form_r(std::true_type{}) != 0) {
+            form_r(std::false_type{});
           }
           log_to(x, log_x, n);
           QRLOSS_SIMD_LOOP
@@ -1038,11 +1068,20 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           T* w = space.w.data() + c * L;
           T* term = space.tmp2.data();
           T* d_share = space.tmp1.data();  // r (log k + 1), or 0 where r = 0
-          QRLOSS_SIMD_LOOP
-          for (Index i = 0; i < n; ++i) {
-            w[i] = p[i] * scale * inv_t[i];
-            r[i] =
-                divide_exactly(q[i] * scale * p[i], clamped_sum[i], inv_t[i]);
+          const auto form_r = [&](auto use_reciprocal) {
+            Flag<T> bad = 0;
+            QRLOSS_SIMD_LOOP_FLAGS
+            for (Index i = 0; i < n; ++i) {
+              const T u = q[i] * scale * p[i];
+              w[i] = p[i] * scale * inv_t[i];
+              r[i] = quotient<decltype(use_reciprocal)::value>(
+                  u, clamped_sum[i], inv_t[i]);
+              bad |= below_exact_dividend(u);
+            }
+            return bad;
+          };
+          if (divide_tile || form_r(std::true_type{}) != 0) {
+            form_r(std::false_type{});
           }
           log_to(w, a, n);
           QRLOSS_SIMD_LOOP
