@@ -752,16 +752,25 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
                const Shape& shape, const LossOptions& options);
 
 /// Returns 2 for a dividend u > 0 below divide_exactly's range, else 0:
-/// bit 1 of a flag whose bit 0 marks invalid input.
+/// bit 1 of a flag whose bit 0 marks invalid input. Without FMA,
+/// divide_exactly divides, so nothing is out of range.
 template <typename T>
 inline Flag<T> below_exact_dividend(T u) {
-  return static_cast<Flag<T>>((u > T(0)) & (u < kExactDividendMin<T>)) << 1;
+  if constexpr (QRLOSS_ISA_LEVEL == 0) {
+    return 0;
+  } else {
+    return static_cast<Flag<T>>((u > T(0)) & (u < kExactDividendMin<T>)) << 1;
+  }
 }
 
 /// Returns 2 for a divisor above divide_exactly's range (or NaN), else 0.
 template <typename T>
 inline Flag<T> above_exact_divisor(T t) {
-  return static_cast<Flag<T>>(!(t <= kExactDivisorMax<T>)) << 1;
+  if constexpr (QRLOSS_ISA_LEVEL == 0) {
+    return 0;
+  } else {
+    return static_cast<Flag<T>>(!(t <= kExactDivisorMax<T>)) << 1;
+  }
 }
 
 /// Redoes a float RQ call in double and rounds dL/dq (or dL/dx) to float.
