@@ -103,10 +103,11 @@ inline constexpr std::uintptr_t kStreamAheadBytes = 2048;
 
 /// Requests into L1 the lines of x[0, kStep) shifted kStreamAheadBytes
 /// ahead, for a loop that reads a long row kStep elements per step. On the
-/// Intel guest of docs/performance.md, a two-thread sum of 100 MB took
-/// 1.9 ms with it and 2.6 to 3.5 ms without. For rows that the loop also
-/// writes, it was slower (RQ's third pass, in the same document). As in
-/// prefetch_ahead, addresses past the row's end are formed as integers.
+/// Intel guest of docs/performance.md, a standalone two-thread sum of
+/// 100 MB took 1.9 ms with it and 2.6 to 3.5 ms without. For rows that the
+/// loop also writes, it was slower (RQ's third pass, in the same
+/// document). As in prefetch_ahead, addresses past the row's end are
+/// formed as integers.
 template <typename T, int kStep>
 inline void prefetch_stream(const T* x) {
   const std::uintptr_t first =
