@@ -26,6 +26,9 @@
 namespace {
 
 using qrloss::detail::isa_divide_test::divide_exactly;
+using qrloss::detail::isa_divide_test::kExactDividendMin;
+using qrloss::detail::isa_divide_test::kExactDivisorMax;
+using qrloss::detail::isa_divide_test::kExactQuotientMin;
 
 bool has_fma() {
   __builtin_cpu_init();
@@ -97,8 +100,6 @@ TEST_SUITE("divide") {
       MESSAGE("skipped: this CPU has no AVX2 and FMA");
       return;
     }
-    using qrloss::detail::isa_divide_test::kExactDividendMin;
-    using qrloss::detail::isa_divide_test::kExactDivisorMax;
     const int low = std::ilogb(kExactDividendMin<T>);
     const int high = std::ilogb(kExactDivisorMax<T>);
     std::mt19937_64 rng(41);
@@ -128,6 +129,38 @@ TEST_SUITE("divide") {
                 random_normal<T>(rng, -40, -1));
     }
     CHECK(below.wrong > 0);
+  }
+
+  TEST_CASE_TEMPLATE("divide_exactly on subnormal quotient ties", T, float,
+                     double) {
+    if (!has_fma()) {
+      MESSAGE("skipped: this CPU has no AVX2 and FMA");
+      return;
+    }
+    // u / t = (2j + 1) times half the smallest subnormal, exactly halfway
+    // between two subnormals, with u and t inside the operand range. The
+    // division rounds such a tie to even. The FMA quotient, which uses
+    // the rounded 1 / t, can round it the other way, which is why RQ also
+    // divides where r < kExactQuotientMin.
+    const int half_subnormal = std::numeric_limits<T>::min_exponent -
+                               std::numeric_limits<T>::digits - 1;
+    // With t = 3 * 2^k and k >= first, u is at least kExactDividendMin.
+    const int first = std::ilogb(kExactDividendMin<T>) - half_subnormal;
+    Comparison<T> ties;
+    std::int64_t outside = 0;
+    for (int k = first; k < first + 60; ++k) {
+      for (int j = 0; j < 200; ++j) {
+        const T t = std::ldexp(T(3), k);
+        const T u = std::ldexp(T(3 * (2 * j + 1)), k + half_subnormal);
+        const bool operands_in_range =
+            u >= kExactDividendMin<T> && t <= kExactDivisorMax<T>;
+        const bool quotient_below = u / t < kExactQuotientMin<T>;
+        if (!(operands_in_range && quotient_below)) ++outside;
+        ties.add(u, t);
+      }
+    }
+    CHECK(outside == 0);
+    CHECK(ties.wrong > 0);
   }
 
   TEST_CASE("divide_exactly on every float significand") {

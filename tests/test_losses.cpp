@@ -2256,11 +2256,12 @@ TEST_SUITE("losses") {
 
   TEST_CASE("rq quotient bits outside the reciprocal range") {
     // r = u / t comes from 1 / t through FMAs in the AVX2 and AVX-512
-    // variants, which is the rounded quotient only for u >= 2^-100 and
-    // t <= 2^126 in float. Outside that range RQ divides. The expected
-    // values are what the division gives (the baseline variant, and every
-    // variant before the FMA quotient). With the FMA quotient everywhere,
-    // the other variants gave 0x1.858fd2p-19 and 0.30437715351581573.
+    // variants, which is the rounded quotient only for u >= 2^-100,
+    // t <= 2^126 and r >= 2^-125 in float. Outside that range RQ divides.
+    // The expected values are what the division gives (the baseline
+    // variant, and every variant before the FMA quotient). With the FMA
+    // quotient everywhere, the other variants gave 0x1.858fd2p-19,
+    // 0.30437715351581573, and the values in the comments below.
     const Shape shape{1, 2};
     LossOptions options;
     options.eps = 1e-3;
@@ -2276,6 +2277,38 @@ TEST_SUITE("losses") {
                                             0x1.142cacp+127f};
     CHECK(qrloss::rq_loss(halves.data(), huge_target.data(), shape) ==
           0.30437713861465454);
+
+    // r = 0x1.2p-100 / 0x1.8p+48 = 3 * 2^-150, halfway between two float
+    // subnormals: the FMA quotient rounded it down (loss
+    // -1.2611686178923354e-44, gradient -0x1.ep-146).
+    const Shape pairs{2, 2};
+    const std::vector<float> probs = {1.0f, 1.0f, 0.0f, 1.0f};
+    const std::vector<float> tie_target = {0x1.8p+48f, 0x1.2p-99f, 0.0f,
+                                           1.0f};
+    std::vector<float> tie_grad(4);
+    LossOptions default_eps;
+    CHECK(qrloss::rq_loss_grad(probs.data(), tie_target.data(),
+                               tie_grad.data(), pairs,
+                               default_eps) == -2.5924021590009116e-44);
+    CHECK(tie_grad[1] == -0x1.4p-146f);
+
+    // The same in double, with eps = 0 (FMA quotient:
+    // -1.8379242025294371e-321).
+    LossOptions no_eps;
+    no_eps.eps = 0.0;
+    const std::vector<double> probs64 = {1.0, 1.0, 0.0, 1.0};
+    const std::vector<double> tie_target64 = {0x1.8p+135, 0x1.2p-937, 0.0,
+                                              1.0};
+    CHECK(qrloss::rq_loss(probs64.data(), tie_target64.data(), pairs,
+                          no_eps) == -3.6758484050588743e-321);
+
+    // With eps = 0, RQ forms r in a loop of its own. u is near 2^-124 (FMA
+    // quotient: loss -4.4653645878295427e-23, gradient -0x1.24258p-83).
+    const std::vector<float> small_target = {0x1.4137dap-124f, 0x1p-120f};
+    CHECK(qrloss::rq_loss_grad(halves.data(), small_target.data(),
+                               grad.data(), shape,
+                               no_eps) == -4.465364627272588e-23);
+    CHECK(grad[0] == -0x1.2425p-83f);
   }
 
   TEST_CASE("rq huge target pixel sum") {

@@ -2,6 +2,7 @@
 // A division helper for the kernel variants (see detail/isa.hpp).
 
 #include <cmath>
+#include <limits>
 #include <type_traits>
 
 #include "detail/isa.hpp"
@@ -16,6 +17,14 @@ template <typename T>
 inline constexpr T kExactDividendMin = std::is_same_v<T, float> ? T(0x1p-100)
                                                                 : T(0x1p-966);
 
+/// Smallest quotient for which divide_exactly is the correctly rounded
+/// quotient: twice the smallest normal value, since divide_exactly can
+/// miss by one unit. A subnormal quotient can fall exactly halfway
+/// between two subnormals, and the correction step, which uses the
+/// inexact 1 / t, can then round that tie the wrong way.
+template <typename T>
+inline constexpr T kExactQuotientMin = 2 * std::numeric_limits<T>::min();
+
 /// Largest divisor for which divide_exactly is the correctly rounded
 /// quotient: above it 1 / t is subnormal and has fewer digits.
 template <typename T>
@@ -23,7 +32,8 @@ inline constexpr T kExactDivisorMax = std::is_same_v<T, float> ? T(0x1p126)
                                                                : T(0x1p1022);
 
 /// Returns u / t correctly rounded, given y = 1 / t correctly rounded,
-/// for kExactDividendMin <= u (or u = 0) and 0 < t <= kExactDivisorMax.
+/// for kExactDividendMin <= u (or u = 0), 0 < t <= kExactDivisorMax and a
+/// result of at least kExactQuotientMin (or 0).
 /// With FMA it needs no division: q0 = u y lies within one ulp of u / t,
 /// the residual u - q0 t is exact in an FMA, and q0 plus the residual
 /// times y rounds to the quotient (Markstein's correction step).

@@ -751,15 +751,17 @@ template <typename T, bool kFromLogits>
 double rq_impl(const char* function, const T* input, const T* target, T* grad,
                const Shape& shape, const LossOptions& options);
 
-/// Returns 2 for a dividend u > 0 below divide_exactly's range, else 0:
-/// bit 1 of a flag whose bit 0 marks invalid input. Without FMA,
-/// divide_exactly divides, so nothing is out of range.
+/// Returns 2 where u > 0 and divide_exactly gave r = u / t outside its
+/// range (u too small, or r too small to be exact), else 0: bit 1 of a
+/// flag whose bit 0 marks invalid input. Without FMA, divide_exactly
+/// divides, so nothing is out of range.
 template <typename T>
-inline Flag<T> below_exact_dividend(T u) {
+inline Flag<T> outside_exact_quotient(T u, T r) {
   if constexpr (QRLOSS_ISA_LEVEL == 0) {
     return 0;
   } else {
-    return static_cast<Flag<T>>((u > T(0)) & (u < kExactDividendMin<T>)) << 1;
+    const bool small = (u < kExactDividendMin<T>) | (r < kExactQuotientMin<T>);
+    return static_cast<Flag<T>>((u > T(0)) & small) << 1;
   }
 }
 
@@ -1034,8 +1036,8 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           T* x = space.tmp1.data();
           T* log_x = space.tmp2.data();
           T* d = a;  // d is kept in a until the loop below overwrites it
-          // Returns 2 where some u lay below divide_exactly's range, and
-          // the row is then formed again by division.
+          // Returns 2 where some u or r lay outside divide_exactly's
+          // range, and the row is then formed again by division.
           const auto form_r = [&](auto use_reciprocal) {
             Flag<T> bad = 0;
             QRLOSS_SIMD_LOOP_FLAGS
@@ -1049,7 +1051,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
               q_share[i] = q[i] * inverse;  // dL/dq's q / (q + eps)
               d[i] = di;
               x[i] = di >= T(-0.5) ? T(1) + di : (ri + eps) * inverse;
-              bad |= below_exact_dividend(u);
+              bad |= outside_exact_quotient(u, ri);
             }
             return bad;
           };
@@ -1085,7 +1087,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
               w[i] = p[i] * scale * inv_t[i];
               r[i] = quotient<decltype(use_reciprocal)::value>(
                   u, clamped_sum[i], inv_t[i]);
-              bad |= below_exact_dividend(u);
+              bad |= outside_exact_quotient(u, r[i]);
             }
             return bad;
           };
