@@ -32,8 +32,11 @@ inline constexpr T kExactDivisorMax = std::is_same_v<T, float> ? T(0x1p126)
                                                                : T(0x1p1022);
 
 /// Returns u / t correctly rounded, given y = 1 / t correctly rounded,
-/// for kExactDividendMin <= u (or u = 0), 0 < t <= kExactDivisorMax and a
-/// result of at least kExactQuotientMin (or 0).
+/// for kExactDividendMin <= u (or u = +0), 0 < t <= kExactDivisorMax and a
+/// result of at least kExactQuotientMin (or 0). u = -0 gives +0 where the
+/// division gives -0. RQ, which flags only u > 0, uses such an r only in
+/// products and in sums that start from +0, so no loss or gradient
+/// changes.
 /// With FMA it needs no division: q0 = u y lies within one ulp of u / t,
 /// the residual u - q0 t is exact in an FMA, and q0 plus the residual
 /// times y rounds to the quotient (Markstein's correction step).
