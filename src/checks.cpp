@@ -174,7 +174,16 @@ void throw_large_class_total(const char* function, Index c, double total,
       " and z = q / s_c would lose digits; scale probs down");
 }
 
-void throw_pixel_sum_overflow(const char* function, const char* dtype) {
+void throw_pixel_sum_overflow(const char* function, const char* dtype,
+                              bool inputs_checked) {
+  if (!inputs_checked) {
+    // Unchecked, a NaN or infinite target also makes the sum non-finite, so
+    // "too large" may be the wrong diagnosis.
+    throw invalid_argument(std::string(function) +
+                           ": non-finite result: at some pixel the sum over "
+                           "classes of q p / s_c is not finite; " +
+                           kUncheckedInputsHint);
+  }
   throw invalid_argument(
       std::string(function) +
       ": target too large: at some pixel the sum over classes of "

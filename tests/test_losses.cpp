@@ -2543,6 +2543,41 @@ TEST_SUITE("losses") {
                           unchecked);
         },
         "qr_loss: non-finite result: the loss is NaN; " + hint);
+    // A NaN or infinite target makes RQ's pixel sums non-finite, which was
+    // reported as "target too large"; float reaches it through the redo in
+    // double.
+    const std::string rq_sum =
+        ": non-finite result: at some pixel the sum over classes of q p / "
+        "s_c is not finite; " + hint;
+    const std::vector<double> nan_target = {
+        0.5, std::numeric_limits<double>::quiet_NaN(), 0.5, 0.5};
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::rq_loss(probs.data(), nan_target.data(), shape, unchecked);
+        },
+        "rq_loss" + rq_sum);
+    const std::vector<float> probs32(probs.begin(), probs.end());
+    const std::vector<float> inf_target32 = {
+        0.5f, 0.5f, std::numeric_limits<float>::infinity(), 0.5f};
+    std::vector<float> grad32(4);
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::rq_loss_grad_from_logits(probs32.data(), inf_target32.data(),
+                                           grad32.data(), shape, unchecked);
+        },
+        "rq_loss_grad_from_logits" + rq_sum);
+    // An infinite target gives QR a loss of -inf, which was blamed on a zero
+    // target with eps = 0.
+    const std::vector<double> inf_target = {
+        0.5, 0.5, std::numeric_limits<double>::infinity(), 0.5};
+    std::vector<double> grad(4);
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::qr_loss_grad_from_logits(probs.data(), inf_target.data(),
+                                           grad.data(), shape, unchecked);
+        },
+        "qr_loss_grad_from_logits: non-finite result: the loss is -inf; " +
+            hint);
   }
   TEST_CASE_TEMPLATE("probs and logits routes agree", T, float, double) {
     // softmax, then X_loss_grad, then softmax_vjp gives what the

@@ -731,6 +731,12 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
 
   const double loss = qr_loss_value(call, stats.sum_q, cross.total()[0]);
   raise_if_nan(call, loss, "the loss");
+  if (kFromLogits && loss < 0.0 && std::isinf(loss)) {
+    // Only an infinite target gives -inf, and the scan rejects it.
+    throw invalid_argument(std::string(function) +
+                           ": non-finite result: the loss is -inf; " +
+                           kUncheckedInputsHint);
+  }
   if (kFromLogits && std::isinf(loss)) {
     // In exact arithmetic every q = softmax(x) is > 0, so the loss is +inf
     // on a whole neighbourhood of x and has no gradient. Eq. 7 would give
@@ -1165,7 +1171,8 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   raise_if_bad(call, "target", target, bad_target);
   if (std::find(sum_overflowed.begin(), sum_overflowed.end(), 1) !=
       sum_overflowed.end()) {
-    return redo_or_throw([&] { throw_pixel_sum_overflow(function, dtype); });
+    return redo_or_throw(
+        [&] { throw_pixel_sum_overflow(function, dtype, call.check); });
   }
 
   const std::vector<double> totals = partial.total();

@@ -114,9 +114,11 @@ void check_class_totals(const char* function, const char* probs_name,
                                           double total, const char* dtype);
 
 /// Throws the error for RQ where a pixel's sum over classes of q p / s_c
-/// overflows `dtype` (float64, as for throw_tiny_class_total).
+/// overflows `dtype` (float64, as for throw_tiny_class_total). Without
+/// inputs_checked the message states that unchecked inputs can be the cause.
 [[noreturn]] void throw_pixel_sum_overflow(const char* function,
-                                           const char* dtype);
+                                           const char* dtype,
+                                           bool inputs_checked);
 
 /// Throws the error for an RQ loss that overflows `dtype` with eps = 0,
 /// where r / q = p / (s_c t) exceeds the type's range at a subnormal q.
