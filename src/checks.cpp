@@ -44,6 +44,8 @@ namespace {
 /// double, and no '+' in the exponent: 1e-30 (not 1.0000000000000001e-30)
 /// and 1e20, as the command line and the docs write them.
 std::string format_double(double value) {
+  // The sign of a NaN means nothing, and to_chars would print "-nan".
+  if (std::isnan(value)) return "nan";
   char text[32];
   const std::to_chars_result result =
       std::to_chars(text, text + sizeof text, value);
@@ -157,32 +159,35 @@ void check_no_overlap(const char* function, const char* output_name,
 }
 
 void throw_tiny_class_total(const char* function, Index c, double total,
-                            const char* dtype) {
+                            const char* dtype, bool inputs_checked) {
   throw invalid_argument(
       std::string(function) + ": non-finite result: class " +
       std::to_string(c) + " has total probability " + format_double(total) +
       " over the batch, so with eps = 0 the factor 1 / s_c overflows " +
-      dtype + "; use eps > 0");
+      dtype + "; use eps > 0" + unchecked_hint(inputs_checked));
 }
 
 void throw_large_class_total(const char* function, Index c, double total,
-                             const char* dtype) {
+                             const char* dtype, bool inputs_checked) {
   throw invalid_argument(
       std::string(function) + ": probs too large: class " + std::to_string(c) +
       " has total probability " + format_double(total) +
       " over the batch, so 1 / s_c lies below the normal range of " + dtype +
-      " and z = q / s_c would lose digits; scale probs down");
+      " and z = q / s_c would lose digits; scale probs down" +
+      unchecked_hint(inputs_checked));
 }
 
 void throw_pixel_sum_overflow(const char* function, const char* dtype,
                               bool inputs_checked) {
   if (!inputs_checked) {
     // Unchecked, a NaN or infinite target also makes the sum non-finite, so
-    // "too large" may be the wrong diagnosis.
-    throw invalid_argument(std::string(function) +
-                           ": non-finite result: at some pixel the sum over "
-                           "classes of q p / s_c is not finite; " +
-                           kUncheckedInputsHint);
+    // a large target is only one of the causes.
+    throw invalid_argument(
+        std::string(function) +
+        ": non-finite result: at some pixel the sum over classes of "
+        "q p / s_c overflows " +
+        dtype + " or is NaN, which would make r = 0; rescale the target if "
+        "it is large" + unchecked_hint(inputs_checked));
   }
   throw invalid_argument(
       std::string(function) +
@@ -222,17 +227,20 @@ void check_class_totals(const char* function, const char* probs_name,
   }
 }
 
-void throw_loss_overflow(const char* function, const char* dtype) {
+void throw_loss_overflow(const char* function, const char* dtype,
+                         bool inputs_checked) {
   throw invalid_argument(
       std::string(function) + ": non-finite result: the loss overflows " +
       dtype +
       " although it is finite in exact arithmetic. With eps = 0 it is formed "
       "from log(r / q), and r / q = p / (s_c t) exceeds the range of " +
-      dtype + " where q is subnormal; use eps > 0");
+      dtype + " where q is subnormal; use eps > 0" +
+      unchecked_hint(inputs_checked));
 }
 
 void throw_gradient_overflow(const char* function, const char* dtype,
-                             double eps, Index c, double total) {
+                             double eps, Index c, double total,
+                             bool inputs_checked) {
   std::string reason;
   if (eps == 0.0) {
     reason = "with eps = 0 it scales with 1 / s_c, and class " +
@@ -244,7 +252,8 @@ void throw_gradient_overflow(const char* function, const char* dtype,
   }
   throw invalid_argument(std::string(function) +
                          ": non-finite result: the gradient overflows " +
-                         dtype + " although the loss is finite; " + reason);
+                         dtype + " although the loss is finite; " + reason +
+                         unchecked_hint(inputs_checked));
 }
 
 template <typename T>

@@ -2543,41 +2543,133 @@ TEST_SUITE("losses") {
                           unchecked);
         },
         "qr_loss: non-finite result: the loss is NaN; " + hint);
-    // A NaN or infinite target makes RQ's pixel sums non-finite, which was
-    // reported as "target too large"; float reaches it through the redo in
-    // double.
-    const std::string rq_sum =
+  }
+
+  TEST_CASE_TEMPLATE("check_finite off hints at inputs", T, float, double) {
+    // With the scan off, an error that a bad input can explain keeps its
+    // own advice and adds the hint that unchecked inputs can be the cause.
+    // Float RQ reaches these errors through its redo in double.
+    const Shape shape{1, 2, 2, 1};
+    LossOptions unchecked;
+    unchecked.check_finite = false;
+    LossOptions unchecked_eps_zero = unchecked;
+    unchecked_eps_zero.eps = 0.0;
+    const std::string hint =
+        "; check_finite = false lets NaN, infinite and negative inputs "
+        "through, which can cause this";
+    constexpr T kNaN = std::numeric_limits<T>::quiet_NaN();
+    constexpr T kInf = std::numeric_limits<T>::infinity();
+    const std::vector<T> probs = {T(0.5), T(0.5), T(0.5), T(0.5)};
+    std::vector<T> grad(4);
+
+    const std::string pixel_sum =
         ": non-finite result: at some pixel the sum over classes of q p / "
-        "s_c is not finite; " + hint;
-    const std::vector<double> nan_target = {
-        0.5, std::numeric_limits<double>::quiet_NaN(), 0.5, 0.5};
+        "s_c overflows float64 or is NaN, which would make r = 0; rescale "
+        "the target if it is large" + hint;
+    const std::vector<T> nan_target = {T(0.5), kNaN, T(0.5), T(0.5)};
     testing::check_invalid_argument(
         [&] {
           qrloss::rq_loss(probs.data(), nan_target.data(), shape, unchecked);
         },
-        "rq_loss" + rq_sum);
-    const std::vector<float> probs32(probs.begin(), probs.end());
-    const std::vector<float> inf_target32 = {
-        0.5f, 0.5f, std::numeric_limits<float>::infinity(), 0.5f};
-    std::vector<float> grad32(4);
+        "rq_loss" + pixel_sum);
+    const std::vector<T> inf_target = {T(0.5), T(0.5), kInf, T(0.5)};
     testing::check_invalid_argument(
         [&] {
-          qrloss::rq_loss_grad_from_logits(probs32.data(), inf_target32.data(),
-                                           grad32.data(), shape, unchecked);
+          qrloss::rq_loss_grad_from_logits(probs.data(), inf_target.data(),
+                                           grad.data(), shape, unchecked);
         },
-        "rq_loss_grad_from_logits" + rq_sum);
-    // An infinite target gives QR a loss of -inf, which was blamed on a zero
-    // target with eps = 0.
-    const std::vector<double> inf_target = {
-        0.5, 0.5, std::numeric_limits<double>::infinity(), 0.5};
-    std::vector<double> grad(4);
+        "rq_loss_grad_from_logits" + pixel_sum);
+
+    // An infinite target gives QR a loss of -inf, which is never returned.
+    const std::string minus_inf = ": non-finite result: the loss is -inf";
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::qr_loss(probs.data(), inf_target.data(), shape, unchecked);
+        },
+        "qr_loss" + minus_inf + hint);
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::qr_loss_grad(probs.data(), inf_target.data(), grad.data(),
+                               shape, unchecked);
+        },
+        "qr_loss_grad" + minus_inf + hint);
     testing::check_invalid_argument(
         [&] {
           qrloss::qr_loss_grad_from_logits(probs.data(), inf_target.data(),
                                            grad.data(), shape, unchecked);
         },
-        "qr_loss_grad_from_logits: non-finite result: the loss is -inf; " +
-            hint);
+        "qr_loss_grad_from_logits" + minus_inf + hint);
+
+    // QR's gradient from logits is undefined at a loss of +inf, which a
+    // target of -eps gives, and with eps = 0 also a target of 0.
+    const std::string qr_start =
+        "qr_loss_grad_from_logits: non-finite result: the loss is ";
+    const std::string undefined =
+        ", so the gradient with respect to logits is undefined";
+    const auto eps = static_cast<T>(unchecked.eps);
+    const std::vector<T> minus_eps_target = {T(0.5), -eps, T(0.5), T(0.5)};
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::qr_loss_grad_from_logits(probs.data(),
+                                           minus_eps_target.data(),
+                                           grad.data(), shape, unchecked);
+        },
+        qr_start + "+inf" + undefined + hint);
+    const std::vector<T> zero_target = {T(0.5), T(0.0), T(0.5), T(0.5)};
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::qr_loss_grad_from_logits(probs.data(), zero_target.data(),
+                                           grad.data(), shape,
+                                           unchecked_eps_zero);
+        },
+        qr_start + "+inf" + undefined +
+            "; a target of 0 where probs > 0 with eps = 0 gives +inf" + hint);
+
+    // With eps = 0, negative probs can make a class total negative or 0.
+    const std::vector<T> target = {T(0.5), T(0.5), T(0.5), T(0.5)};
+    const std::vector<T> negative_total = {T(0.5), T(0.5), T(0.25), T(-0.5)};
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::rq_loss(negative_total.data(), target.data(), shape,
+                          unchecked_eps_zero);
+        },
+        "rq_loss: non-finite result: class 1 has total probability -0.25 "
+        "over the batch, so with eps = 0 the factor 1 / s_c overflows "
+        "float64; use eps > 0" + hint);
+    const std::vector<T> zero_total = {T(0.5), T(0.5), T(0.5), T(-0.5)};
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::rq_loss(zero_total.data(), target.data(), shape,
+                          unchecked_eps_zero);
+        },
+        "rq_loss: undefined loss: class 1 has zero total probability over "
+        "the batch and eps = 0, so z = q / s_c is 0/0; use eps > 0" + hint);
+
+    // +inf logits give inf - inf = NaN in the softmax. A NaN prints as
+    // "nan" whatever its sign bit.
+    const std::vector<T> inf_logits = {kInf, T(0.0), T(0.0), T(0.0)};
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::rq_loss_from_logits(inf_logits.data(), target.data(), shape,
+                                      unchecked);
+        },
+        "rq_loss_from_logits: non-finite result: the total of class 0 of "
+        "softmax(logits) over the batch is nan" + hint);
+
+    // A valid target too large for double keeps the advice to rescale it:
+    // at pixel 0, z = q / s_c is near 1 in both classes, so the pixel sum
+    // is near 3.4e308. Float calls are redone in double, where any float
+    // target fits.
+    if constexpr (std::is_same_v<T, double>) {
+      const std::vector<double> peaked = {1.0, 1e-30, 1.0, 1e-30};
+      const std::vector<double> huge_target(4, 1.7e308);
+      testing::check_invalid_argument(
+          [&] {
+            qrloss::rq_loss(peaked.data(), huge_target.data(), shape,
+                            unchecked);
+          },
+          "rq_loss" + pixel_sum);
+    }
   }
   TEST_CASE_TEMPLATE("probs and logits routes agree", T, float, double) {
     // softmax, then X_loss_grad, then softmax_vjp gives what the

@@ -471,6 +471,15 @@ void raise_if_nan(const CallSetup& call, double value, const char* quantity) {
                          "probs and target (or use a larger eps)");
 }
 
+/// Throws for a QR loss of -inf. Only inputs that the scan rejects give
+/// it: an infinite target, or a negative probability where p + eps is 0.
+void raise_if_minus_infinity(const CallSetup& call, double loss) {
+  if (loss != -std::numeric_limits<double>::infinity()) return;
+  throw invalid_argument(std::string(call.function) +
+                         ": non-finite result: the loss is -inf" +
+                         unchecked_hint(call.check));
+}
+
 /// Writes the gradient rows of a tile, computed in the thread's scratch, to
 /// the caller's buffer; from logits, chains them through eq. 7 first. From
 /// probs the rows go out with streaming stores, which skip the
@@ -668,6 +677,7 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
     raise_if_bad(call, "target", target, bad_target);
     const double loss = qr_loss_value(call, stats.sum_q, totals.back());
     raise_if_nan(call, loss, "the loss");
+    raise_if_minus_infinity(call, loss);
     return loss;
   }
   // h_c needs only S_c, so the cross term can wait for pass 2.
@@ -731,11 +741,17 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
 
   const double loss = qr_loss_value(call, stats.sum_q, cross.total()[0]);
   raise_if_nan(call, loss, "the loss");
-  if (kFromLogits && loss < 0.0 && std::isinf(loss)) {
-    // Only an infinite target gives -inf, and the scan rejects it.
-    throw invalid_argument(std::string(function) +
-                           ": non-finite result: the loss is -inf; " +
-                           kUncheckedInputsHint);
+  raise_if_minus_infinity(call, loss);
+  if (kFromLogits && std::isinf(loss) && !call.check) {
+    // Unchecked, a target of -eps gives +inf too, so a zero target with
+    // eps = 0 is only one of the causes.
+    throw invalid_argument(
+        std::string(function) +
+        ": non-finite result: the loss is +inf, so the gradient with respect "
+        "to logits is undefined" +
+        (eps_zero ? "; a target of 0 where probs > 0 with eps = 0 gives +inf"
+                  : "") +
+        unchecked_hint(false));
   }
   if (kFromLogits && std::isinf(loss)) {
     // In exact arithmetic every q = softmax(x) is > 0, so the loss is +inf
@@ -878,7 +894,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   const auto raise_overflow = [&] {
     throw_gradient_overflow(
         function, dtype, call.eps, smallest_class,
-        stats.sum_q[static_cast<std::size_t>(smallest_class)]);
+        stats.sum_q[static_cast<std::size_t>(smallest_class)], call.check);
   };
   // Where float cannot represent an intermediate, a float call is redone
   // in double (rq_in_double). A double call runs `fail`, which throws the
@@ -907,7 +923,8 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
             std::string(function) + ": undefined loss: class " +
             std::to_string(c) + (kFromLogits ? " of softmax(logits)" : "") +
             " has zero total probability over the batch and eps = 0, so "
-            "z = q / s_c is 0/0; use eps > 0");
+            "z = q / s_c is 0/0; use eps > 0" +
+            unchecked_hint(call.check));
       }
     }
     const double s = std::max(S, call.eps);
@@ -918,9 +935,9 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
       if constexpr (std::is_same_v<T, float>) {
         beyond_float = true;
       } else if (!std::isfinite(inverse)) {
-        throw_tiny_class_total(function, c, S, dtype);
+        throw_tiny_class_total(function, c, S, dtype, call.check);
       } else {
-        throw_large_class_total(function, c, S, dtype);
+        throw_large_class_total(function, c, S, dtype, call.check);
       }
     }
     s_clamped[static_cast<std::size_t>(c)] = S < call.eps;
@@ -1179,7 +1196,8 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
   const double loss = call.inv_pixels * totals[0];
   raise_if_nan(call, loss, "the loss");
   if (std::isinf(loss)) {
-    return redo_or_throw([&] { throw_loss_overflow(function, dtype); });
+    return redo_or_throw(
+        [&] { throw_loss_overflow(function, dtype, call.check); });
   }
   if (!want_grad) return loss;
 

@@ -85,7 +85,8 @@ void check_no_overlap(const char* function, const char* output_name,
 /// is so small that 1 / s_c overflows `dtype` (float64: a float call is
 /// redone in double instead).
 [[noreturn]] void throw_tiny_class_total(const char* function, Index c,
-                                         double total, const char* dtype);
+                                         double total, const char* dtype,
+                                         bool inputs_checked);
 
 /// Name of the element type T in messages.
 template <typename T>
@@ -93,10 +94,18 @@ constexpr const char* type_name() {
   return sizeof(T) == 4 ? "float32" : "float64";
 }
 
-/// End of a non-finite-result message when check_finite is false.
+/// End of a non-finite-result message when check_finite is false. The
+/// throw_* functions here that take inputs_checked append it when that is
+/// false.
 inline constexpr char kUncheckedInputsHint[] =
     "check_finite = false lets NaN, infinite and negative inputs through, "
     "which can cause this";
+
+/// Returns "; " and kUncheckedInputsHint without inputs_checked, else "".
+inline std::string unchecked_hint(bool inputs_checked) {
+  return inputs_checked ? std::string()
+                        : std::string("; ") + kUncheckedInputsHint;
+}
 
 /// Throws unless every class total S_c is finite (float64 probs near the
 /// largest double can overflow it) and their sum is at most max_total.
@@ -111,24 +120,26 @@ void check_class_totals(const char* function, const char* probs_name,
 /// that 1 / s_c lies below the normal range of `dtype` (float64, as for
 /// throw_tiny_class_total).
 [[noreturn]] void throw_large_class_total(const char* function, Index c,
-                                          double total, const char* dtype);
+                                          double total, const char* dtype,
+                                          bool inputs_checked);
 
 /// Throws the error for RQ where a pixel's sum over classes of q p / s_c
-/// overflows `dtype` (float64, as for throw_tiny_class_total). Without
-/// inputs_checked the message states that unchecked inputs can be the cause.
+/// overflows `dtype` (float64, as for throw_tiny_class_total).
 [[noreturn]] void throw_pixel_sum_overflow(const char* function,
                                            const char* dtype,
                                            bool inputs_checked);
 
 /// Throws the error for an RQ loss that overflows `dtype` with eps = 0,
 /// where r / q = p / (s_c t) exceeds the type's range at a subnormal q.
-[[noreturn]] void throw_loss_overflow(const char* function, const char* dtype);
+[[noreturn]] void throw_loss_overflow(const char* function, const char* dtype,
+                                      bool inputs_checked);
 
 /// Throws the error for an RQ gradient entry that overflows `dtype` while
 /// the loss is finite. c and total name the class of smallest total.
 [[noreturn]] void throw_gradient_overflow(const char* function,
                                           const char* dtype, double eps,
-                                          Index c, double total);
+                                          Index c, double total,
+                                          bool inputs_checked);
 
 /// Pixel chunks whose boundaries depend only on the pixel count, so that
 /// per-chunk partial sums combined in chunk order give the same bits for any
