@@ -316,7 +316,7 @@ void add_eval_command(CLI::App& app) {
       "or nan), loss_name, input ('probs' or 'logits'), input_file, "
       "target_file, shape, dtype, eps, simd (the kernel variant), threads "
       "(the count given to the library: --threads, or the OpenMP default "
-      "for 0; small inputs run on fewer) and grad_out (a path or null). "
+      "for 0, or 1 in a build without OpenMP; small inputs run on fewer) and grad_out (a path or null). "
       "The JSON is ASCII; in file names, bytes that are not UTF-8 become "
       "U+FFFD.\n"
       "Errors: one line on stderr, nothing on stdout, no --grad-out file, "
@@ -349,7 +349,8 @@ void add_eval_command(CLI::App& app) {
                    "With 0, QR with a zero target where the probability is "
                    "positive gives an infinite loss (\"loss\": null) and +inf "
                    "gradient entries, and a class whose probabilities are all "
-                   "0 gets -inf entries; from --logits that is an error")
+                   "0 gets -inf entries; from --logits with --grad-out that "
+                   "is an error, since the gradient is undefined")
       ->type_name("X")
       ->check(CLI::Validator(
           [](std::string& text) { return check_eps_text(text); }, ""))
