@@ -160,11 +160,21 @@ void check_no_overlap(const char* function, const char* output_name,
 
 void throw_tiny_class_total(const char* function, Index c, double total,
                             const char* dtype, bool inputs_checked) {
-  throw invalid_argument(
-      std::string(function) + ": non-finite result: class " +
-      std::to_string(c) + " has total probability " + format_double(total) +
-      " over the batch, so with eps = 0 the factor 1 / s_c overflows " +
-      dtype + "; use eps > 0" + unchecked_hint(inputs_checked));
+  const std::string start = std::string(function) +
+                            ": non-finite result: class " + std::to_string(c) +
+                            " has total probability " + format_double(total) +
+                            " over the batch";
+  if (total < 0.0) {
+    // Only negative probs, which the scan rejects, give a negative total.
+    throw invalid_argument(start +
+                           ", which eps = 0 clamps to 0, so the factor 1 / "
+                           "s_c is infinite" +
+                           unchecked_hint(inputs_checked));
+  }
+  throw invalid_argument(start +
+                         ", so with eps = 0 the factor 1 / s_c overflows " +
+                         dtype + "; use eps > 0" +
+                         unchecked_hint(inputs_checked));
 }
 
 void throw_large_class_total(const char* function, Index c, double total,
@@ -186,8 +196,8 @@ void throw_pixel_sum_overflow(const char* function, const char* dtype,
         std::string(function) +
         ": non-finite result: at some pixel the sum over classes of "
         "q p / s_c overflows " +
-        dtype + " or is NaN, which would make r = 0; rescale the target if "
-        "it is large" + unchecked_hint(inputs_checked));
+        dtype + " or is NaN, which would make r = u / t 0 or NaN; rescale "
+        "the target if it is large" + unchecked_hint(inputs_checked));
   }
   throw invalid_argument(
       std::string(function) +
@@ -210,8 +220,8 @@ void check_class_totals(const char* function, const char* probs_name,
                               std::to_string(c) + " of " + probs_name +
                               " over the batch ";
     if (!inputs_checked) {
-      throw invalid_argument(start + "is " + format_double(sum_q[c]) + "; " +
-                             kUncheckedInputsHint);
+      throw invalid_argument(start + "is " + format_double(sum_q[c]) +
+                             unchecked_hint(false));
     }
     throw invalid_argument(start + "overflows float64; scale probs down");
   }
@@ -243,9 +253,12 @@ void throw_gradient_overflow(const char* function, const char* dtype,
                              bool inputs_checked) {
   std::string reason;
   if (eps == 0.0) {
-    reason = "with eps = 0 it scales with 1 / s_c, and class " +
+    // A huge target overflows it too, whatever the class totals.
+    reason = "with eps = 0 it scales with p / s_c, and class " +
              std::to_string(c) + " has total probability " +
-             format_double(total) + " over the batch; use eps > 0";
+             format_double(total) +
+             " over the batch; use eps > 0, or rescale the target if it is "
+             "large";
   } else {
     reason = "it scales with p / s_c, so rescale the target (or use a "
              "larger eps)";

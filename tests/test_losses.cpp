@@ -2070,7 +2070,7 @@ TEST_SUITE("losses") {
                                shape, options);
         },
         "rq_loss_grad: non-finite result: the gradient overflows float32 "
-        "although the loss is finite; with eps = 0 it scales with 1 / s_c, "
+        "although the loss is finite; with eps = 0 it scales with p / s_c, "
         "and class 1 has total probability ");
   }
 
@@ -2112,7 +2112,7 @@ TEST_SUITE("losses") {
                                shape, options);
         },
         "rq_loss_grad: non-finite result: the gradient overflows float64 "
-        "although the loss is finite; with eps = 0 it scales with 1 / s_c, "
+        "although the loss is finite; with eps = 0 it scales with p / s_c, "
         "and class 1 has total probability ");
   }
 
@@ -2560,12 +2560,13 @@ TEST_SUITE("losses") {
     constexpr T kNaN = std::numeric_limits<T>::quiet_NaN();
     constexpr T kInf = std::numeric_limits<T>::infinity();
     const std::vector<T> probs = {T(0.5), T(0.5), T(0.5), T(0.5)};
+    const std::vector<T> logits = {T(0.0), T(0.0), T(0.0), T(0.0)};
     std::vector<T> grad(4);
 
     const std::string pixel_sum =
         ": non-finite result: at some pixel the sum over classes of q p / "
-        "s_c overflows float64 or is NaN, which would make r = 0; rescale "
-        "the target if it is large" + hint;
+        "s_c overflows float64 or is NaN, which would make r = u / t 0 or "
+        "NaN; rescale the target if it is large" + hint;
     const std::vector<T> nan_target = {T(0.5), kNaN, T(0.5), T(0.5)};
     testing::check_invalid_argument(
         [&] {
@@ -2575,7 +2576,7 @@ TEST_SUITE("losses") {
     const std::vector<T> inf_target = {T(0.5), T(0.5), kInf, T(0.5)};
     testing::check_invalid_argument(
         [&] {
-          qrloss::rq_loss_grad_from_logits(probs.data(), inf_target.data(),
+          qrloss::rq_loss_grad_from_logits(logits.data(), inf_target.data(),
                                            grad.data(), shape, unchecked);
         },
         "rq_loss_grad_from_logits" + pixel_sum);
@@ -2595,35 +2596,46 @@ TEST_SUITE("losses") {
         "qr_loss_grad" + minus_inf + hint);
     testing::check_invalid_argument(
         [&] {
-          qrloss::qr_loss_grad_from_logits(probs.data(), inf_target.data(),
+          qrloss::qr_loss_grad_from_logits(logits.data(), inf_target.data(),
                                            grad.data(), shape, unchecked);
         },
         "qr_loss_grad_from_logits" + minus_inf + hint);
 
     // QR's gradient from logits is undefined at a loss of +inf, which a
-    // target of -eps gives, and with eps = 0 also a target of 0.
-    const std::string qr_start =
-        "qr_loss_grad_from_logits: non-finite result: the loss is ";
+    // target of -eps gives, and with eps = 0 also a valid target of 0.
     const std::string undefined =
-        ", so the gradient with respect to logits is undefined";
+        "qr_loss_grad_from_logits: infinite loss: the loss is +inf, so the "
+        "gradient with respect to logits is undefined";
     const auto eps = static_cast<T>(unchecked.eps);
     const std::vector<T> minus_eps_target = {T(0.5), -eps, T(0.5), T(0.5)};
     testing::check_invalid_argument(
         [&] {
-          qrloss::qr_loss_grad_from_logits(probs.data(),
+          qrloss::qr_loss_grad_from_logits(logits.data(),
                                            minus_eps_target.data(),
                                            grad.data(), shape, unchecked);
         },
-        qr_start + "+inf" + undefined + hint);
+        undefined + hint);
+    const std::string zero_target_error =
+        "qr_loss_grad_from_logits: infinite loss: target is 0 where probs > 0 "
+        "and eps = 0, so the gradient with respect to logits is undefined; "
+        "use eps > 0";
     const std::vector<T> zero_target = {T(0.5), T(0.0), T(0.5), T(0.5)};
     testing::check_invalid_argument(
         [&] {
-          qrloss::qr_loss_grad_from_logits(probs.data(), zero_target.data(),
+          qrloss::qr_loss_grad_from_logits(logits.data(), zero_target.data(),
                                            grad.data(), shape,
                                            unchecked_eps_zero);
         },
-        qr_start + "+inf" + undefined +
-            "; a target of 0 where probs > 0 with eps = 0 gives +inf" + hint);
+        zero_target_error + hint);
+    // With the scan on, the same valid input gets no hint.
+    LossOptions eps_zero;
+    eps_zero.eps = 0.0;
+    const testing::ThrownError checked_error =
+        testing::catch_invalid_argument([&] {
+          qrloss::qr_loss_grad_from_logits(logits.data(), zero_target.data(),
+                                           grad.data(), shape, eps_zero);
+        });
+    CHECK(checked_error.message == zero_target_error);
 
     // With eps = 0, negative probs can make a class total negative or 0.
     const std::vector<T> target = {T(0.5), T(0.5), T(0.5), T(0.5)};
@@ -2634,8 +2646,8 @@ TEST_SUITE("losses") {
                           unchecked_eps_zero);
         },
         "rq_loss: non-finite result: class 1 has total probability -0.25 "
-        "over the batch, so with eps = 0 the factor 1 / s_c overflows "
-        "float64; use eps > 0" + hint);
+        "over the batch, which eps = 0 clamps to 0, so the factor 1 / s_c is "
+        "infinite" + hint);
     const std::vector<T> zero_total = {T(0.5), T(0.5), T(0.5), T(-0.5)};
     testing::check_invalid_argument(
         [&] {
@@ -2669,6 +2681,15 @@ TEST_SUITE("losses") {
                             unchecked);
           },
           "rq_loss" + pixel_sum);
+      // With the scan on, that error names the large target alone.
+      const testing::ThrownError checked_error =
+          testing::catch_invalid_argument([&] {
+            qrloss::rq_loss(peaked.data(), huge_target.data(), shape);
+          });
+      CHECK(checked_error.message ==
+            "rq_loss: target too large: at some pixel the sum over classes "
+            "of q p / s_c overflows float64, which would make r = 0; "
+            "rescale the target");
     }
   }
   TEST_CASE_TEMPLATE("probs and logits routes agree", T, float, double) {

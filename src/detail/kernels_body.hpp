@@ -463,7 +463,7 @@ void raise_if_nan(const CallSetup& call, double value, const char* quantity) {
   const std::string start = std::string(call.function) +
                             ": non-finite result: " + quantity + " is NaN";
   if (!call.check) {
-    throw invalid_argument(start + "; " + kUncheckedInputsHint);
+    throw invalid_argument(start + unchecked_hint(false));
   }
   throw invalid_argument(start +
                          " although the inputs passed validation; input "
@@ -472,7 +472,7 @@ void raise_if_nan(const CallSetup& call, double value, const char* quantity) {
 }
 
 /// Throws for a QR loss of -inf. Only inputs that the scan rejects give
-/// it: an infinite target, or a negative probability where p + eps is 0.
+/// it, for example an infinite target.
 void raise_if_minus_infinity(const CallSetup& call, double loss) {
   if (loss != -std::numeric_limits<double>::infinity()) return;
   throw invalid_argument(std::string(call.function) +
@@ -742,25 +742,23 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
   const double loss = qr_loss_value(call, stats.sum_q, cross.total()[0]);
   raise_if_nan(call, loss, "the loss");
   raise_if_minus_infinity(call, loss);
-  if (kFromLogits && std::isinf(loss) && !call.check) {
-    // Unchecked, a target of -eps gives +inf too, so a zero target with
-    // eps = 0 is only one of the causes.
-    throw invalid_argument(
-        std::string(function) +
-        ": non-finite result: the loss is +inf, so the gradient with respect "
-        "to logits is undefined" +
-        (eps_zero ? "; a target of 0 where probs > 0 with eps = 0 gives +inf"
-                  : "") +
-        unchecked_hint(false));
-  }
   if (kFromLogits && std::isinf(loss)) {
     // In exact arithmetic every q = softmax(x) is > 0, so the loss is +inf
     // on a whole neighbourhood of x and has no gradient. Eq. 7 would give
-    // inf - inf.
-    throw invalid_argument(
-        std::string(function) +
-        ": infinite loss: target is 0 where probs > 0 and eps = 0, so the "
-        "gradient with respect to logits is undefined; use eps > 0");
+    // inf - inf. With eps > 0, only unchecked inputs (a target of -eps)
+    // get here.
+    const std::string start = std::string(function) + ": infinite loss: ";
+    if (eps_zero) {
+      throw invalid_argument(start +
+                             "target is 0 where probs > 0 and eps = 0, so the "
+                             "gradient with respect to logits is undefined; "
+                             "use eps > 0" +
+                             unchecked_hint(call.check));
+    }
+    throw invalid_argument(start +
+                           "the loss is +inf, so the gradient with respect "
+                           "to logits is undefined" +
+                           unchecked_hint(call.check));
   }
   return loss;
 }

@@ -94,9 +94,9 @@ constexpr const char* type_name() {
   return sizeof(T) == 4 ? "float32" : "float64";
 }
 
-/// End of a non-finite-result message when check_finite is false. The
-/// throw_* functions here that take inputs_checked append it when that is
-/// false.
+/// End of an error message that a bad input value can explain, when
+/// check_finite is false. The throw_* functions here that take
+/// inputs_checked append it when that is false.
 inline constexpr char kUncheckedInputsHint[] =
     "check_finite = false lets NaN, infinite and negative inputs through, "
     "which can cause this";

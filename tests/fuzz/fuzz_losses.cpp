@@ -395,6 +395,10 @@ void check_outcome(const Case& in, const char* function,
   }
   if (in.bad_shape) fail(context + ": accepted an invalid shape");
   if (std::isnan(out.loss)) fail(context + ": returned a NaN loss");
+  // Only inputs that the scan rejects give a loss of -inf, and those throw.
+  if (out.loss == -std::numeric_limits<double>::infinity()) {
+    fail(context + ": returned a loss of -inf");
+  }
   if (strict && !std::isfinite(out.loss)) {
     fail(context + ": loss " + std::to_string(out.loss) +
          " is not finite for eps > 0 and bounded inputs");
