@@ -196,8 +196,8 @@ void throw_pixel_sum_overflow(const char* function, const char* dtype,
         std::string(function) +
         ": non-finite result: at some pixel the sum over classes of "
         "q p / s_c overflows " +
-        dtype + " or is NaN, which would make r = u / t 0 or NaN; rescale "
-        "the target if it is large" + unchecked_hint(inputs_checked));
+        dtype + " or is NaN, which would make r zero or NaN; rescale the "
+        "target if it is large" + unchecked_hint(false));
   }
   throw invalid_argument(
       std::string(function) +
@@ -253,12 +253,12 @@ void throw_gradient_overflow(const char* function, const char* dtype,
                              bool inputs_checked) {
   std::string reason;
   if (eps == 0.0) {
-    // A huge target overflows it too, whatever the class totals.
-    reason = "with eps = 0 it scales with p / s_c, and class " +
-             std::to_string(c) + " has total probability " +
-             format_double(total) +
-             " over the batch; use eps > 0, or rescale the target if it is "
-             "large";
+    // A large target overflows it as well as a small total, so both are
+    // named.
+    reason = "with eps = 0 it scales with p / s_c, so a large target or a "
+             "small class total overflows it (class " +
+             std::to_string(c) + " has the smallest total, " +
+             format_double(total) + "); rescale the target or use eps > 0";
   } else {
     reason = "it scales with p / s_c, so rescale the target (or use a "
              "larger eps)";

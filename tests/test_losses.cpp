@@ -2071,7 +2071,8 @@ TEST_SUITE("losses") {
         },
         "rq_loss_grad: non-finite result: the gradient overflows float32 "
         "although the loss is finite; with eps = 0 it scales with p / s_c, "
-        "and class 1 has total probability ");
+        "so a large target or a small class total overflows it (class 1 has "
+        "the smallest total, ");
   }
 
   TEST_CASE("rq eps zero gradient overflow") {
@@ -2113,7 +2114,14 @@ TEST_SUITE("losses") {
         },
         "rq_loss_grad: non-finite result: the gradient overflows float64 "
         "although the loss is finite; with eps = 0 it scales with p / s_c, "
-        "and class 1 has total probability ");
+        "so a large target or a small class total overflows it (class 1 has "
+        "the smallest total, ");
+    testing::check_invalid_argument(
+        [&] {
+          qrloss::rq_loss_grad(probs.data(), target.data(), grad.data(),
+                               shape, options);
+        },
+        "); rescale the target or use eps > 0");
   }
 
   TEST_CASE("rq gradient overflow with eps") {
@@ -2565,8 +2573,8 @@ TEST_SUITE("losses") {
 
     const std::string pixel_sum =
         ": non-finite result: at some pixel the sum over classes of q p / "
-        "s_c overflows float64 or is NaN, which would make r = u / t 0 or "
-        "NaN; rescale the target if it is large" + hint;
+        "s_c overflows float64 or is NaN, which would make r zero or NaN; "
+        "rescale the target if it is large" + hint;
     const std::vector<T> nan_target = {T(0.5), kNaN, T(0.5), T(0.5)};
     testing::check_invalid_argument(
         [&] {
@@ -2604,8 +2612,9 @@ TEST_SUITE("losses") {
     // QR's gradient from logits is undefined at a loss of +inf, which a
     // target of -eps gives, and with eps = 0 also a valid target of 0.
     const std::string undefined =
-        "qr_loss_grad_from_logits: infinite loss: the loss is +inf, so the "
-        "gradient with respect to logits is undefined";
+        "qr_loss_grad_from_logits: infinite loss: a target of -eps makes "
+        "log(p + eps) = -inf, so the gradient with respect to logits is "
+        "undefined";
     const auto eps = static_cast<T>(unchecked.eps);
     const std::vector<T> minus_eps_target = {T(0.5), -eps, T(0.5), T(0.5)};
     testing::check_invalid_argument(
@@ -2619,23 +2628,20 @@ TEST_SUITE("losses") {
         "qr_loss_grad_from_logits: infinite loss: target is 0 where probs > 0 "
         "and eps = 0, so the gradient with respect to logits is undefined; "
         "use eps > 0";
+    // No bad value gives the error for a target of 0 with eps = 0, so it
+    // has no hint with the scan off either.
     const std::vector<T> zero_target = {T(0.5), T(0.0), T(0.5), T(0.5)};
-    testing::check_invalid_argument(
-        [&] {
-          qrloss::qr_loss_grad_from_logits(logits.data(), zero_target.data(),
-                                           grad.data(), shape,
-                                           unchecked_eps_zero);
-        },
-        zero_target_error + hint);
-    // With the scan on, the same valid input gets no hint.
     LossOptions eps_zero;
     eps_zero.eps = 0.0;
-    const testing::ThrownError checked_error =
-        testing::catch_invalid_argument([&] {
-          qrloss::qr_loss_grad_from_logits(logits.data(), zero_target.data(),
-                                           grad.data(), shape, eps_zero);
-        });
-    CHECK(checked_error.message == zero_target_error);
+    for (const LossOptions& options : {unchecked_eps_zero, eps_zero}) {
+      CAPTURE(options.check_finite);
+      const testing::ThrownError error =
+          testing::catch_invalid_argument([&] {
+            qrloss::qr_loss_grad_from_logits(logits.data(), zero_target.data(),
+                                             grad.data(), shape, options);
+          });
+      CHECK(error.message == zero_target_error);
+    }
 
     // With eps = 0, negative probs can make a class total negative or 0.
     const std::vector<T> target = {T(0.5), T(0.5), T(0.5), T(0.5)};

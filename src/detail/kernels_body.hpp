@@ -743,21 +743,19 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
   raise_if_nan(call, loss, "the loss");
   raise_if_minus_infinity(call, loss);
   if (kFromLogits && std::isinf(loss)) {
-    // In exact arithmetic every q = softmax(x) is > 0, so the loss is +inf
-    // on a whole neighbourhood of x and has no gradient. Eq. 7 would give
-    // inf - inf. With eps > 0, only unchecked inputs (a target of -eps)
-    // get here.
+    // Every q = softmax(x) is > 0 in exact arithmetic, so the loss is +inf
+    // near x and eq. 7 would give inf - inf. With eps > 0 only an unchecked
+    // target of -eps gets here.
     const std::string start = std::string(function) + ": infinite loss: ";
     if (eps_zero) {
       throw invalid_argument(start +
                              "target is 0 where probs > 0 and eps = 0, so the "
                              "gradient with respect to logits is undefined; "
-                             "use eps > 0" +
-                             unchecked_hint(call.check));
+                             "use eps > 0");
     }
     throw invalid_argument(start +
-                           "the loss is +inf, so the gradient with respect "
-                           "to logits is undefined" +
+                           "a target of -eps makes log(p + eps) = -inf, so "
+                           "the gradient with respect to logits is undefined" +
                            unchecked_hint(call.check));
   }
   return loss;

@@ -83,7 +83,7 @@ void check_no_overlap(const char* function, const char* output_name,
 
 /// Throws the error for RQ with eps = 0 where class c's total probability
 /// is so small that 1 / s_c overflows `dtype` (float64: a float call is
-/// redone in double instead).
+/// redone in double instead), or negative, which unchecked probs can give.
 [[noreturn]] void throw_tiny_class_total(const char* function, Index c,
                                          double total, const char* dtype,
                                          bool inputs_checked);
