@@ -172,7 +172,7 @@ void add_bench_command(CLI::App& app) {
       ->add_option("--threads", settings->threads,
                    "OpenMP threads; 0 uses the OpenMP default "
                    "(OMP_NUM_THREADS, else one per core). A build without "
-                   "OpenMP runs on 1")
+                   "OpenMP runs on 1 thread")
       ->type_name("N")
       ->check(int_at_least(0))
       ->capture_default_str();

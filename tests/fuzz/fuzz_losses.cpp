@@ -16,7 +16,7 @@
 // - It returns, or throws qrloss::invalid_argument with a message that
 //   starts with "<function>: ". An invalid shape must throw. Any other
 //   exception escapes and libFuzzer reports it as a crash.
-// - A returned loss is not NaN. Take eps > 0 (in float, eps >= 1e-15),
+// - A returned loss is neither NaN nor -inf. Take eps > 0 (in float, eps >= 1e-15),
 //   every input finite, target in [0, 1e6] and probs (not logits) in
 //   [0, 1e6]: then the loss and every element of the gradient are finite,
 //   and no call throws "non-finite result".
