@@ -101,7 +101,8 @@ inline constexpr char kUncheckedInputsHint[] =
     "check_finite = false lets NaN, infinite and negative inputs through, "
     "which can cause this";
 
-/// Returns "; " and kUncheckedInputsHint without inputs_checked, else "".
+/// Returns "; " followed by kUncheckedInputsHint when inputs_checked is
+/// false, else an empty string.
 inline std::string unchecked_hint(bool inputs_checked) {
   return inputs_checked ? std::string()
                         : std::string("; ") + kUncheckedInputsHint;
