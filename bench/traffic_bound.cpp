@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <memory>
@@ -325,6 +326,7 @@ double median(std::vector<double> values) {
 struct Pattern {
   const char* kernel;
   const char* passes;
+  bool as_built;  // whether qrloss runs these passes
   std::function<void(bool ahead)> run;
 };
 
@@ -332,6 +334,24 @@ struct Timing {
   double median_s;
   double floor_s;
 };
+
+#if defined(__clang__)
+constexpr char kCompiler[] = "clang " __clang_version__;
+#else
+constexpr char kCompiler[] = "GCC " __VERSION__;
+#endif
+
+// Returns text without the quotes, backslashes and control characters
+// that a JSON string cannot hold unescaped.
+std::string json_safe(std::string text) {
+  text.erase(std::remove_if(text.begin(), text.end(),
+                            [](char ch) {
+                              return ch == '"' || ch == '\\' ||
+                                     static_cast<unsigned char>(ch) < 0x20;
+                            }),
+             text.end());
+  return text;
+}
 
 // Returns the CPU's model name from /proc/cpuinfo, or "unknown".
 std::string cpu_name() {
@@ -341,15 +361,7 @@ std::string cpu_name() {
     if (line.rfind("model name", 0) != 0) continue;
     const std::size_t colon = line.find(':');
     if (colon == std::string::npos || colon + 2 > line.size()) break;
-    std::string name = line.substr(colon + 2);
-    // A JSON string cannot hold these unescaped.
-    name.erase(std::remove_if(name.begin(), name.end(),
-                              [](char ch) {
-                                return ch == '"' || ch == '\\' ||
-                                       static_cast<unsigned char>(ch) < 0x20;
-                              }),
-               name.end());
-    return name;
+    return json_safe(line.substr(colon + 2));
   }
   return "unknown";
 }
@@ -357,6 +369,8 @@ std::string cpu_name() {
 // Returns THREADS from the command line, or 0 where it is not an integer
 // from 1 to kMaxThreads.
 int parse_threads(const char* text) {
+  // strtol alone would also take leading spaces and a sign.
+  if (text[0] < '0' || text[0] > '9') return 0;
   char* end = nullptr;
   errno = 0;
   const long value = std::strtol(text, &end, 10);
@@ -370,6 +384,17 @@ int parse_threads(const char* text) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 2 && (std::strcmp(argv[1], "--help") == 0 ||
+                    std::strcmp(argv[1], "-h") == 0)) {
+    std::printf(
+        "usage: traffic_bound [THREADS]\n"
+        "Times the memory traffic of each kernel's passes, float32 "
+        "16x6x512x512, next to the triad floor of qrloss bench.\n"
+        "THREADS: OpenMP threads, an integer from 1 to %ld (default: the "
+        "OpenMP default).\n",
+        kMaxThreads);
+    return 0;
+  }
   if (argc > 2) {
     std::fprintf(stderr,
                  "traffic_bound: expected at most one argument, THREADS, "
@@ -379,8 +404,8 @@ int main(int argc, char** argv) {
   }
   if (argc == 2 && parse_threads(argv[1]) == 0) {
     std::fprintf(stderr,
-                 "traffic_bound: invalid THREADS '%s': expected an integer "
-                 "from 1 to %ld\n",
+                 "traffic_bound: invalid THREADS '%s': expected a number of "
+                 "OpenMP threads from 1 to %ld\n",
                  argv[1], kMaxThreads);
     return 2;
   }
@@ -398,6 +423,10 @@ int main(int argc, char** argv) {
 
   const Loops loops = select_loops();
   const std::string cpu = cpu_name();
+  const char* omp_env = std::getenv("OMP_NUM_THREADS");
+  // OMP_NUM_THREADS as a JSON value: a string, or null where it is unset.
+  const std::string omp_setting =
+      omp_env != nullptr ? "\"" + json_safe(omp_env) + "\"" : "null";
   const Buffer x = make_buffer(0.5f);  // probs or logits
   const Buffer p = make_buffer(0.25f);
   const Buffer g = make_buffer(0.0f);
@@ -413,30 +442,30 @@ int main(int argc, char** argv) {
     update_pass(loops, a, g.get(), threads, ahead);
   };
   const std::vector<Pattern> patterns = {
-      {"qr", "read q | read q, p; stream g",
+      {"qr", "read q | read q, p; stream g", true,
        [&](bool ahead) {
          read(x, ahead);
          stream(x, p.get(), ahead);
        }},
-      {"qr_logits", "read x; stream g | read g, p; write g",
+      {"qr_logits", "read x; stream g | read g, p; write g", true,
        [&](bool ahead) {
          stream(x, nullptr, ahead);
          update(p.get(), ahead);
        }},
-      {"rq", "read q | read q, p; stream g | read g; write g",
+      {"rq", "read q | read q, p; stream g | read g; write g", true,
        [&](bool ahead) {
          read(x, ahead);
          stream(x, p.get(), ahead);
          update(nullptr, ahead);
        }},
       {"rq_logits",
-       "read x; stream g | read g, p; write g | read x, g; write g",
+       "read x; stream g | read g, p; write g | read x, g; write g", true,
        [&](bool ahead) {
          stream(x, nullptr, ahead);
          update(p.get(), ahead);
          update(x.get(), ahead);
        }},
-      {"rq_logits", "read x | read x, p; stream g | read x, g; write g",
+      {"rq_logits", "read x | read x, p; stream g | read x, g; write g", false,
        [&](bool ahead) {
          read(x, ahead);
          stream(x, p.get(), ahead);
@@ -463,13 +492,15 @@ int main(int argc, char** argv) {
       }
     }
     std::printf(
-        "{\"kernel\": \"%s\", \"passes\": \"%s\", \"loops\": \"%s\", "
-        "\"prefetch\": %s, \"threads\": %d, \"shape\": [16, 6, 512, 512], "
+        "{\"kernel\": \"%s\", \"passes\": \"%s\", \"as_built\": %s, "
+        "\"loops\": \"%s\", \"prefetch\": %s, \"threads\": %d, "
+        "\"omp_num_threads\": %s, \"shape\": [16, 6, 512, 512], "
         "\"dtype\": \"float32\", \"median_s\": %.6g, \"floor_s\": %.6g, "
         "\"ratio_to_floor\": %.3f, \"cpu\": \"%s\", \"compiler\": \"%s\"}\n",
-        pattern.kernel, pattern.passes, loops.isa,
-        best_ahead ? "true" : "false", threads, best.median_s, best.floor_s,
-        best.median_s / best.floor_s, cpu.c_str(), __VERSION__);
+        pattern.kernel, pattern.passes, pattern.as_built ? "true" : "false",
+        loops.isa, best_ahead ? "true" : "false", threads, omp_setting.c_str(),
+        best.median_s, best.floor_s, best.median_s / best.floor_s, cpu.c_str(),
+        kCompiler);
   }
   return 0;
 }
