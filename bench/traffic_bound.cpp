@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -32,9 +31,12 @@
 #include <omp.h>
 #endif
 
+#include "timing.hpp"
+
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using qrloss::bench::median;
+using qrloss::bench::seconds;
 constexpr std::int64_t kElements = 16LL * 6 * 512 * 512;
 // Floats per loop step (four AVX-512 vectors). Thread shares are whole
 // steps.
@@ -309,18 +311,6 @@ void triad(float* a, const float* b, const float* c,
            [[maybe_unused]] int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (std::int64_t i = 0; i < kElements; ++i) a[i] = b[i] + 0.5f * c[i];
-}
-
-template <typename F>
-double seconds(F&& f) {
-  const auto start = Clock::now();
-  f();
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
-
-double median(std::vector<double> values) {
-  std::sort(values.begin(), values.end());
-  return values[values.size() / 2];
 }
 
 struct Pattern {

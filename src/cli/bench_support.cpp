@@ -3,7 +3,6 @@
 #include "bench_support.hpp"
 
 #include <algorithm>
-#include <chrono>
 #include <cstdint>
 #include <new>
 #include <string>
@@ -11,11 +10,10 @@
 
 #include "detail/openmp.hpp"
 #include "qrloss/error.hpp"
+#include "timing.hpp"
 
 namespace qrloss::bench {
 namespace {
-
-using Clock = std::chrono::steady_clock;
 
 /// Uniform double in [0, 1) from a 64-bit counter (splitmix64), so that
 /// inputs can be filled in parallel and still be the same for any thread
@@ -126,20 +124,6 @@ void run_triad(AlignedVector<T>& a, const AlignedVector<T>& b,
   const T scale = T(0.5);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (std::int64_t i = 0; i < n; ++i) a[i] = b[i] + scale * c[i];
-}
-
-template <typename F>
-double seconds(F&& f) {
-  const auto start = Clock::now();
-  f();
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
-
-double median(std::vector<double> values) {
-  std::sort(values.begin(), values.end());
-  const std::size_t mid = values.size() / 2;
-  return values.size() % 2 == 1 ? values[mid]
-                                : 0.5 * (values[mid - 1] + values[mid]);
 }
 
 template <typename T>
