@@ -37,6 +37,7 @@ namespace {
 
 using qrloss::bench::median;
 using qrloss::bench::seconds;
+
 constexpr std::int64_t kElements = 16LL * 6 * 512 * 512;
 // Floats per loop step (four AVX-512 vectors). Thread shares are whole
 // steps.
