@@ -30,9 +30,10 @@ void print_costs() {
   }
   qrloss::LossOptions options;
   options.num_threads = 1;
-  const char* names[] = {
-      "QR loss",          "QR loss + gradient", "RQ loss", "RQ loss + gradient",
-      "QR logits + grad", "RQ logits + grad",   "softmax", "softmax_vjp"};
+  const char* names[] = {"QR loss",          "QR loss + gradient",
+                         "RQ loss",          "RQ loss + gradient",
+                         "QR logits + grad", "RQ logits + grad",
+                         "softmax",          "softmax_vjp"};
   constexpr int kKernels = sizeof(names) / sizeof(names[0]);
   for (int kernel = 0; kernel < kKernels; ++kernel) {
     double best = 1e30;
