@@ -44,8 +44,9 @@ constexpr std::int64_t kElements = 16LL * 6 * 512 * 512;
 constexpr std::int64_t kStep = 64;
 static_assert(kElements % kStep == 0, "loops have no tail");
 constexpr int kRepeat = 15;
-// Rejects typing mistakes such as 20000. Raise it for a larger machine.
-constexpr long kMaxThreads = 1024;
+// Rejects typing mistakes such as 20000, with the same limit as --threads
+// of qrloss bench.
+constexpr long kMaxThreads = 4096;
 // Prefetch distance into L2 for the variant with prefetching. By
 // estimate, a thread streaming 20 GB/s with 100 ns of memory latency has
 // 2 KB in flight, and 8 KB ahead covers that with room to spare.

@@ -538,11 +538,15 @@ TEST_SUITE("cli") {
         {"negative threads",
          {"--loss", "qr", "--probs", probs, "--target", target, "--threads",
           "-1"},
-         "--threads: expected an integer from 0 to 2147483647, got '-1'"},
+         "--threads: expected an integer from 0 to 4096, got '-1'"},
+        {"threads above the limit",
+         {"--loss", "qr", "--probs", probs, "--target", target, "--threads",
+          "4097"},
+         "--threads: expected an integer from 0 to 4096, got '4097'"},
         {"threads beyond int",
          {"--loss", "qr", "--probs", probs, "--target", target, "--threads",
           "99999999999"},
-         "--threads: expected an integer from 0 to 2147483647, got "
+         "--threads: expected an integer from 0 to 4096, got "
          "'99999999999'"},
         {"both probs and logits",
          {"--loss", "qr", "--probs", probs, "--logits", probs, "--target",
@@ -577,7 +581,7 @@ TEST_SUITE("cli") {
         {"threads with a space",
          {"--loss", "qr", "--probs", probs, "--target", target, "--threads",
           " 2"},
-         "--threads: expected an integer from 0 to 2147483647, got ' 2'"},
+         "--threads: expected an integer from 0 to 4096, got ' 2'"},
         {"eps without value",
          {"--loss", "qr", "--probs", probs, "--target", target, "--grad-out",
           grad, "--eps"},
@@ -962,6 +966,27 @@ TEST_SUITE("cli") {
           std::string::npos);
     CHECK(unknown.err.find("(run 'qrloss --help' for usage)") !=
           std::string::npos);
+
+    // Upper limits catch typing mistakes before any tensor is allocated;
+    // the limits themselves are accepted.
+    const RunResult repeat = run_qrloss(
+        dir, {"bench", "--shape", "1,2,3,4", "--repeat", "10001"});
+    CHECK(repeat.status == kExitUsage);
+    CHECK(repeat.out.empty());
+    CHECK(repeat.err.rfind("qrloss bench: --repeat: expected an integer from "
+                           "1 to 10000, got '10001'",
+                           0) == 0);
+    const RunResult threads = run_qrloss(
+        dir, {"bench", "--shape", "1,2,3,4", "--threads", "4097"});
+    CHECK(threads.status == kExitUsage);
+    CHECK(threads.err.rfind("qrloss bench: --threads: expected an integer "
+                            "from 0 to 4096, got '4097'",
+                            0) == 0);
+    const RunResult at_limits =
+        run_qrloss(dir, {"bench", "--shape", "1,2,3,4", "--threads", "4096",
+                         "--repeat", "1"});
+    CHECK(at_limits.status == 0);
+    CHECK(at_limits.err.empty());
 
     // An empty item or a space is an error too, and the message quotes the
     // text as typed.

@@ -37,6 +37,10 @@ struct BenchSettings {
 // (input, target, gradient and two triad arrays) must fit in memory.
 constexpr std::int64_t kMaxBenchElements = std::int64_t{1} << 31;
 
+// Largest --repeat: catches typing mistakes such as 150000 for 15, which at
+// 16x6x512x512 would time the kernel and its floor for over an hour.
+constexpr int kMaxRepeat = 10000;
+
 // Reads comma-separated whole numbers such as "16,6,512,512" into
 // `extents`. Every item must be a number (digits, with an optional leading
 // '+' or '-'), so an empty item ("2,,64" or a trailing comma) or a space is
@@ -170,17 +174,19 @@ void add_bench_command(CLI::App& app) {
       ->capture_default_str();
   bench
       ->add_option("--threads", settings->threads,
-                   "OpenMP threads; 0 uses the OpenMP default "
-                   "(OMP_NUM_THREADS, else one per core). A build without "
-                   "OpenMP runs on 1 thread")
+                   "OpenMP threads, from 0 to " + std::to_string(kMaxThreads) +
+                       "; 0 uses the OpenMP default (OMP_NUM_THREADS, else "
+                       "one per core). A build without OpenMP runs on 1 "
+                       "thread")
       ->type_name("N")
-      ->check(int_at_least(0))
+      ->check(int_in_range(0, kMaxThreads))
       ->capture_default_str();
   bench
       ->add_option("--repeat", settings->repeat,
-                   "Number of timed runs; the median is reported")
+                   "Number of timed runs, from 1 to " +
+                       std::to_string(kMaxRepeat) + "; the median is reported")
       ->type_name("R")
-      ->check(int_at_least(1))
+      ->check(int_in_range(1, kMaxRepeat))
       ->capture_default_str();
 
   bench->add_flag("--loss-only", settings->loss_only,

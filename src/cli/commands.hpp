@@ -24,8 +24,12 @@ void add_eval_command(CLI::App& app);
 void add_bench_command(CLI::App& app);
 
 /// Returns a validator that accepts a decimal integer from `minimum` to
-/// INT_MAX; CLI11's number validators print their double limits in full.
-CLI::Validator int_at_least(int minimum);
+/// `maximum`; CLI11's number validators print their double limits in full.
+CLI::Validator int_in_range(int minimum, int maximum);
+
+/// The largest --threads that eval and bench accept. It rejects typing
+/// mistakes such as 20000, which would otherwise start that many threads.
+inline constexpr int kMaxThreads = 4096;
 
 /// Returns a validator that accepts one of `choices` and quotes any other
 /// value in its message.

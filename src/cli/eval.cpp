@@ -367,11 +367,12 @@ void add_eval_command(CLI::App& app) {
       ->check(file_path());
 
   eval->add_option("--threads", settings->threads,
-                   "OpenMP threads; 0 uses the OpenMP default "
-                   "(OMP_NUM_THREADS, else one per core). The result is "
-                   "bitwise the same for any thread count")
+                   "OpenMP threads, from 0 to " + std::to_string(kMaxThreads) +
+                       "; 0 uses the OpenMP default (OMP_NUM_THREADS, else "
+                       "one per core). The result is bitwise the same for "
+                       "any thread count")
       ->type_name("N")
-      ->check(int_at_least(0))
+      ->check(int_in_range(0, kMaxThreads))
       ->capture_default_str();
 
   eval->callback([settings] {

@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
-#include <climits>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -212,11 +211,11 @@ std::vector<std::string> split_empty_values(int argc, char** argv) {
 
 }  // namespace
 
-CLI::Validator int_at_least(int minimum) {
+CLI::Validator int_in_range(int minimum, int maximum) {
   // The help text of each option states the range, so the validator adds no
   // description to the usage line.
   return CLI::Validator(
-      [minimum](std::string& text) -> std::string {
+      [minimum, maximum](std::string& text) -> std::string {
         const char* begin = text.c_str();
         char* end = nullptr;
         errno = 0;
@@ -224,9 +223,9 @@ CLI::Validator int_at_least(int minimum) {
         const long value = std::strtol(begin, &end, 10);
         if (end == begin || *end != '\0' || errno == ERANGE ||
             std::isspace(static_cast<unsigned char>(text[0])) != 0 ||
-            value < minimum || value > INT_MAX) {
+            value < minimum || value > maximum) {
           return "expected an integer from " + std::to_string(minimum) +
-                 " to " + std::to_string(INT_MAX) + ", got '" +
+                 " to " + std::to_string(maximum) + ", got '" +
                  one_line(text) + "'";
         }
         return {};
