@@ -649,16 +649,15 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
       for (Index c = 0; c < C; ++c) {
         const T* q = probs.row(c);
         const Index offset = geometry.offset(b, c, p0);
-        if constexpr (!kFromLogits) prefetch_ahead(q, n);
         add_probs_row<T, kFromLogits>(sums, c, q, n, offset, chunk,
                                       call.check ? &bad_input : nullptr);
         if (want_grad) continue;
         const T* p = target + offset;
-        prefetch_ahead(p, n);
         if (call.check) {
           scan_row(p, n, ValueRule::kNonNegative, offset, chunk, bad_target);
         }
-        log_shifted(p, eps, log_p, n);
+        // q is in scratch from logits, so only p is prefetched then.
+        log_shifted_prefetching(p, eps, log_p, n, p, kFromLogits ? nullptr : q);
         add_cross_terms(sums, C, q, log_p, n, eps_zero);
       }
     });
@@ -703,9 +702,7 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
         const T* q = probs.row(c);
         const T* p = target + offset;
         T* out = space.grad.data() + c * L;
-        prefetch_ahead(q, n);
-        prefetch_ahead(p, n);
-        log_shifted(p, eps, out, n);
+        log_shifted_prefetching(p, eps, out, n, q, p);
         const T h = class_term[static_cast<std::size_t>(c)];
         const Flag<T> bad =
             eps_zero ? qr_gradient_row<kFromLogits, true>(sums, q, p, out,
@@ -986,8 +983,6 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
         const Index offset = geometry.offset(b, c, p0);
         const T* p = target + offset;
         const T scale = inv_s_t[static_cast<std::size_t>(c)];
-        prefetch_ahead(q, n);
-        prefetch_ahead(p, n);
         Flag<T> bad = 0;
         if (c == 0) {
           QRLOSS_SIMD_LOOP_FLAGS
@@ -1077,7 +1072,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           if (divide_tile || form_r(std::true_type{}) != 0) {
             form_r(std::false_type{});
           }
-          log_to(x, log_x, n);
+          log_to_prefetching(x, log_x, n, q, p);
           QRLOSS_SIMD_LOOP
           for (Index i = 0; i < n; ++i) {
             const T inverse_r = T(1) / (r[i] + eps);
@@ -1113,7 +1108,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           if (divide_tile || form_r(std::true_type{}) != 0) {
             form_r(std::false_type{});
           }
-          log_to(w, a, n);
+          log_to_prefetching(w, a, n, q, p);
           QRLOSS_SIMD_LOOP
           for (Index i = 0; i < n; ++i) {
             const bool live = r[i] > T(0);

@@ -16,7 +16,7 @@ namespace qrloss::detail::QRLOSS_ISA {
 /// x + c * x_stride; row c of q at q + c * q_stride (aligned scratch).
 /// `pixel` is scratch of at least n entries.
 /// Returns nonzero when some x is not finite (checked in the loop that
-/// reads x first), and prefetches the rows two tiles ahead.
+/// reads x first). The exp loop prefetches the rows two tiles ahead.
 template <typename T>
 Flag<T> softmax_tile(const T* x, Index x_stride, Index C, Index n, T* q,
                      Index q_stride, T* pixel) {
@@ -27,10 +27,8 @@ Flag<T> softmax_tile(const T* x, Index x_stride, Index C, Index n, T* q,
     pixel[i] = x[i];
     bad |= invalid_flag(x[i], ValueRule::kFinite);
   }
-  prefetch_ahead(x, n);
   for (Index c = 1; c < C; ++c) {
     const T* row = x + c * x_stride;
-    prefetch_ahead(row, n);
     QRLOSS_SIMD_LOOP_FLAGS
     for (Index i = 0; i < n; ++i) {
       pixel[i] = pixel[i] < row[i] ? row[i] : pixel[i];
@@ -38,7 +36,8 @@ Flag<T> softmax_tile(const T* x, Index x_stride, Index C, Index n, T* q,
     }
   }
   for (Index c = 0; c < C; ++c) {
-    exp_difference(x + c * x_stride, pixel, q + c * q_stride, n);
+    const T* row = x + c * x_stride;
+    exp_difference_prefetching(row, pixel, q + c * q_stride, n, row);
   }
   sum_over_classes(
       C, n,

@@ -187,6 +187,53 @@ inline void log_to(const T* x, T* y, Index n) {
   apply_packets(x, y, n, T(1), [](auto v) { return vlog_packet(v); });
 }
 
+/// Calls packet_at(i) for i = 0, kWidth, ... while a whole packet fits in
+/// n, and requests into L2 the lines of the rows a and b (b may be null),
+/// n elements each, shifted two row lengths ahead: the lines that
+/// prefetch_ahead requests, one per stream for each 64 bytes of progress
+/// instead of all at once. Issued at once, they stalled the core: on the
+/// Intel Xeon guest of docs/performance.md, 17 % of RQ's second-pass
+/// samples sat on them, and spreading them took 4 to 13 % off each loss.
+/// Returns the first index that no packet covered.
+template <typename T, typename PacketAt>
+inline Index packets_prefetching(Index n, const T* a, const T* b,
+                                 PacketAt&& packet_at) {
+  constexpr Index kWidth = kVectorBytes / static_cast<Index>(sizeof(T));
+  constexpr Index kPerLine = 64 / static_cast<Index>(sizeof(T));
+  const auto bytes = static_cast<std::uintptr_t>(n) * sizeof(T);
+  // Integers, as in prefetch_ahead: the lines can lie past the buffers.
+  std::uintptr_t line_a = reinterpret_cast<std::uintptr_t>(a) + 2 * bytes;
+  std::uintptr_t line_b =
+      b != nullptr ? reinterpret_cast<std::uintptr_t>(b) + 2 * bytes : 0;
+  const std::uintptr_t end_a = line_a + bytes;
+  const auto request = [&] {
+    _mm_prefetch(reinterpret_cast<const char*>(line_a), _MM_HINT_T1);
+    if (b != nullptr) {
+      _mm_prefetch(reinterpret_cast<const char*>(line_b), _MM_HINT_T1);
+    }
+    line_a += 64;
+    line_b += 64;
+  };
+  Index i = 0;
+  for (; i + kPerLine <= n; i += kPerLine) {
+    for (Index k = 0; k < kPerLine; k += kWidth) packet_at(i + k);
+    request();
+  }
+  for (; i + kWidth <= n; i += kWidth) packet_at(i);
+  while (line_a < end_a) request();
+  return i;
+}
+
+/// log_to that also prefetches the rows a and b as packets_prefetching
+/// does.
+template <typename T>
+inline void log_to_prefetching(const T* x, T* y, Index n, const T* a,
+                               const T* b) {
+  const Index done = packets_prefetching(
+      n, a, b, [&](Index i) { vstore(y + i, vlog_packet(vload(x + i))); });
+  if (done < n) log_to(x + done, y + done, n - done);
+}
+
 /// y[i] = log(x[i] + shift) for i < n. The add happens in the packet, with
 /// the same rounding as a scalar add, and saves a pass over y.
 template <typename T>
@@ -195,11 +242,33 @@ inline void log_shifted(const T* x, T shift, T* y, Index n) {
                 [shift](auto v) { return vlog_packet(v + shift); });
 }
 
+/// log_shifted that also prefetches the rows a and b as
+/// packets_prefetching does.
+template <typename T>
+inline void log_shifted_prefetching(const T* x, T shift, T* y, Index n,
+                                    const T* a, const T* b) {
+  const Index done = packets_prefetching(n, a, b, [&](Index i) {
+    vstore(y + i, vlog_packet(vload(x + i) + shift));
+  });
+  if (done < n) log_shifted(x + done, shift, y + done, n - done);
+}
+
 /// y[i] = exp(x[i] - z[i]) for i < n, with the subtraction in the packet.
 template <typename T>
 inline void exp_difference(const T* x, const T* z, T* y, Index n) {
   apply_packets2(x, z, y, n, T(0), T(0),
                  [](auto a, auto b) { return vexp_packet(a - b); });
+}
+
+/// exp_difference that also prefetches the rows a and b (b may be null)
+/// as packets_prefetching does.
+template <typename T>
+inline void exp_difference_prefetching(const T* x, const T* z, T* y, Index n,
+                                       const T* a, const T* b = nullptr) {
+  const Index done = packets_prefetching(n, a, b, [&](Index i) {
+    vstore(y + i, vexp_packet(vload(x + i) - vload(z + i)));
+  });
+  if (done < n) exp_difference(x + done, z + done, y + done, n - done);
 }
 
 }  // namespace qrloss::detail::QRLOSS_ISA
