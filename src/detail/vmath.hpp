@@ -188,12 +188,13 @@ inline void log_to(const T* x, T* y, Index n) {
 }
 
 /// Calls packet_at(i) for i = 0, kWidth, ... while a whole packet fits in
-/// n, and requests into L2 the lines of the rows a and b (b may be null),
-/// n elements each, shifted two row lengths ahead: the lines that
-/// prefetch_ahead requests, one per stream for each 64 bytes of progress
-/// instead of all at once. Issued at once, they stalled the core: on the
-/// Intel Xeon guest of docs/performance.md, 17 % of RQ's second-pass
-/// samples sat on them, and spreading them took 4 to 13 % off each loss.
+/// n. Meanwhile it requests into L2 the lines that prefetch_ahead would
+/// request for the rows a and b (b may be null): n elements each, two row
+/// lengths ahead. It issues one line per stream for each 64 bytes of
+/// progress instead of all of them at once. Issued at once, they stalled
+/// the core: on the Intel Xeon guest of docs/performance.md, 17 % of RQ's
+/// second-pass samples sat on them, and spreading them took 4 to 13 % off
+/// each loss.
 /// Returns the first index that no packet covered.
 template <typename T, typename PacketAt>
 inline Index packets_prefetching(Index n, const T* a, const T* b,
