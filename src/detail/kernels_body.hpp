@@ -656,7 +656,8 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
         if (call.check) {
           scan_row(p, n, ValueRule::kNonNegative, offset, chunk, bad_target);
         }
-        // q is in scratch from logits, so only p is prefetched then.
+        // From logits q lies in the softmax scratch, so only p is
+        // prefetched.
         log_shifted_prefetching(p, eps, log_p, n, p, kFromLogits ? nullptr : q);
         add_cross_terms(sums, C, q, log_p, n, eps_zero);
       }
@@ -702,7 +703,7 @@ double qr_impl(const char* function, const T* input, const T* target, T* grad,
         const T* q = probs.row(c);
         const T* p = target + offset;
         T* out = space.grad.data() + c * L;
-        log_shifted_prefetching(p, eps, out, n, q, p);
+        log_shifted_prefetching(p, eps, out, n, p, q);
         const T h = class_term[static_cast<std::size_t>(c)];
         const Flag<T> bad =
             eps_zero ? qr_gradient_row<kFromLogits, true>(sums, q, p, out,
@@ -864,7 +865,6 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
       for (Index c = 0; c < C; ++c) {
         const T* q = probs.row(c);
         const Index offset = geometry.offset(b, c, p0);
-        if constexpr (!kFromLogits) prefetch_ahead(q, n);
         add_probs_row<T, kFromLogits>(sums, c, q, n, offset, chunk,
                                       call.check ? &bad_input : nullptr);
       }
@@ -1035,6 +1035,9 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
       for (Index c = 0; c < C; ++c) {
         const T* q = probs.row(c);
         const T* p = target + geometry.offset(b, c, p0);
+        // The rows to prefetch: q only where it lies in a tensor (probs, or
+        // the gradient buffer from logits), not in the softmax scratch.
+        const T* q_ahead = kFromLogits && !want_grad ? nullptr : q;
         T* r = space.r.data() + c * L;
         T* a = space.a.data() + c * L;
         T* q_share = space.q_share.data() + c * L;
@@ -1072,7 +1075,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           if (divide_tile || form_r(std::true_type{}) != 0) {
             form_r(std::false_type{});
           }
-          log_to_prefetching(x, log_x, n, q, p);
+          log_to_prefetching(x, log_x, n, p, q_ahead);
           QRLOSS_SIMD_LOOP
           for (Index i = 0; i < n; ++i) {
             const T inverse_r = T(1) / (r[i] + eps);
@@ -1108,7 +1111,7 @@ double rq_impl(const char* function, const T* input, const T* target, T* grad,
           if (divide_tile || form_r(std::true_type{}) != 0) {
             form_r(std::false_type{});
           }
-          log_to_prefetching(w, a, n, q, p);
+          log_to_prefetching(w, a, n, p, q_ahead);
           QRLOSS_SIMD_LOOP
           for (Index i = 0; i < n; ++i) {
             const bool live = r[i] > T(0);
