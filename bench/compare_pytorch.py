@@ -49,6 +49,9 @@ DEFAULT_QRLOSS_CANDIDATES = (
 DEFAULT_SHAPE = "16,6,512,512"
 DEFAULT_EPS = 1e-8
 MIN_REPEAT = 5
+# The limits of `qrloss bench`, checked here before PyTorch is timed.
+MAX_REPEAT = 10000
+MAX_THREADS = 4096
 
 # RQ clamps each pixel's sum of q * p / s_c to at least this value.
 PIXEL_SUM_FLOOR = 1e-12
@@ -183,11 +186,29 @@ def parse_shape(text):
     return shape
 
 
+def parse_int(option, text):
+    """Returns text as an int, or raises an error that names the option."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{option} must be an integer, got {text!r}") from None
+
+
 def parse_repeat(text):
-    repeat = int(text)
-    if repeat < MIN_REPEAT:
-        raise argparse.ArgumentTypeError(f"--repeat must be at least {MIN_REPEAT}, got {repeat}")
+    repeat = parse_int("--repeat", text)
+    if not MIN_REPEAT <= repeat <= MAX_REPEAT:
+        raise argparse.ArgumentTypeError(
+            f"--repeat must be from {MIN_REPEAT} to {MAX_REPEAT}, got {repeat}")
     return repeat
+
+
+def parse_threads(text):
+    threads = parse_int("--threads", text)
+    if not 1 <= threads <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(
+            f"--threads must be from 1 to {MAX_THREADS}, got {threads}")
+    return threads
 
 
 def parse_choices(allowed):
@@ -207,12 +228,12 @@ def parse_arguments():
                     "losses against `qrloss bench`, printing one JSON line per setting.")
     parser.add_argument("--shape", type=parse_shape, default=parse_shape(DEFAULT_SHAPE),
                         help=f"B,C,H,W or B,C (default {DEFAULT_SHAPE})")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="threads for torch.set_num_threads and qrloss --threads "
-                             "(default: torch.get_num_threads())")
+    parser.add_argument("--threads", type=parse_threads, default=None,
+                        help=f"threads for torch.set_num_threads and qrloss --threads, "
+                             f"1 to {MAX_THREADS} (default: torch.get_num_threads())")
     parser.add_argument("--repeat", type=parse_repeat, default=MIN_REPEAT,
                         help=f"timed runs per setting; the median is reported "
-                             f"(at least {MIN_REPEAT}, default {MIN_REPEAT})")
+                             f"({MIN_REPEAT} to {MAX_REPEAT}, default {MIN_REPEAT})")
     parser.add_argument("--qrloss", type=pathlib.Path, default=None,
                         help="qrloss binary (default: build-bench/qrloss, else build/qrloss)")
     parser.add_argument("--losses", type=parse_choices(LOSSES), default=list(LOSSES),

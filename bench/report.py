@@ -21,6 +21,20 @@ CLASS_COUNTS = (2, 4, 8, 16, 32, 64)
 IMAGE_SIDES = (64, 256, 1024, 2048)
 
 
+def parse_repeat(text):
+    """Returns --repeat as an int, or raises for a value that qrloss bench
+    would reject after the earlier configurations had run."""
+    try:
+        repeat = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--repeat must be an integer, got {text!r}") from None
+    if not 1 <= repeat <= 10000:
+        raise argparse.ArgumentTypeError(
+            f"--repeat must be from 1 to 10000, got {repeat}")
+    return repeat
+
+
 def run_bench(qrloss, loss, from_logits, shape, dtype, threads, repeat):
     """Runs one `qrloss bench` and returns its JSON object."""
     command = [str(qrloss), "bench", "--loss", loss, "--shape", shape,
@@ -107,8 +121,9 @@ def main():
                         default=pathlib.Path("build-bench/qrloss"),
                         help="path of the qrloss binary (default: "
                              "build-bench/qrloss)")
-    parser.add_argument("--repeat", type=int, default=7,
-                        help="timed runs per configuration; the median is "
+    parser.add_argument("--repeat", type=parse_repeat, default=7,
+                        help="timed runs per configuration, 1 to 10000 (the "
+                             "limits of qrloss bench); the median is "
                              "reported (default: 7)")
     parser.add_argument("--only-main", action="store_true",
                         help="print only the main table")

@@ -28,7 +28,8 @@ void add_bench_command(CLI::App& app);
 CLI::Validator int_in_range(int minimum, int maximum);
 
 /// The largest --threads that eval and bench accept. It rejects typing
-/// mistakes such as 20000, which would otherwise start that many threads.
+/// mistakes such as 20000, which would otherwise start up to that many
+/// threads.
 inline constexpr int kMaxThreads = 4096;
 
 /// Returns a validator that accepts one of `choices` and quotes any other
