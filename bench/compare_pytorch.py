@@ -186,28 +186,28 @@ def parse_shape(text):
     return shape
 
 
-def parse_int(option, text):
-    """Returns text as an int, or raises an error that names the option."""
+def parse_int(text):
+    """Returns text as an int; argparse names the option in its error."""
     try:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{option} must be an integer, got {text!r}") from None
+            f"expected an integer, got {text!r}") from None
 
 
 def parse_repeat(text):
-    repeat = parse_int("--repeat", text)
+    repeat = parse_int(text)
     if not MIN_REPEAT <= repeat <= MAX_REPEAT:
         raise argparse.ArgumentTypeError(
-            f"--repeat must be from {MIN_REPEAT} to {MAX_REPEAT}, got {repeat}")
+            f"expected an integer from {MIN_REPEAT} to {MAX_REPEAT}, got {repeat}")
     return repeat
 
 
 def parse_threads(text):
-    threads = parse_int("--threads", text)
+    threads = parse_int(text)
     if not 1 <= threads <= MAX_THREADS:
         raise argparse.ArgumentTypeError(
-            f"--threads must be from 1 to {MAX_THREADS}, got {threads}")
+            f"expected an integer from 1 to {MAX_THREADS}, got {threads}")
     return threads
 
 
@@ -264,6 +264,11 @@ def main():
     torch.set_num_threads(threads)
 
     qrloss = find_qrloss(arguments.qrloss)
+    if qrloss is None and arguments.qrloss is not None:
+        # A path given by hand is a request to compare, not a default to try.
+        print(f"error: --qrloss: no executable file at {arguments.qrloss}",
+              file=sys.stderr)
+        return 2
     if qrloss is None:
         searched = arguments.qrloss or " or ".join(str(path) for path in DEFAULT_QRLOSS_CANDIDATES)
         print(f"qrloss binary not found at {searched}; printing torch timings only. "

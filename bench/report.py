@@ -28,10 +28,10 @@ def parse_repeat(text):
         repeat = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--repeat must be an integer, got {text!r}") from None
+            f"expected an integer, got {text!r}") from None
     if not 1 <= repeat <= 10000:
         raise argparse.ArgumentTypeError(
-            f"--repeat must be from 1 to 10000, got {repeat}")
+            f"expected an integer from 1 to 10000, got {repeat}")
     return repeat
 
 
@@ -116,7 +116,9 @@ def scaling_tables(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # The docstring's first paragraph, joined into one line.
+    parser = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--qrloss", type=pathlib.Path,
                         default=pathlib.Path("build-bench/qrloss"),
                         help="path of the qrloss binary (default: "

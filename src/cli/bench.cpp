@@ -140,7 +140,8 @@ void add_bench_command(CLI::App& app) {
   bench->footer(
       "Prints one JSON object: median_s (median time of loss plus gradient,\n"
       "or of the loss alone with --loss-only), floor_s (a STREAM triad over\n"
-      "as many elements, same threads; from cache for shapes that fit),\n"
+      "as many elements, on the threads the loss call uses: at most one\n"
+      "per 2048 pixels; from cache for shapes that fit),\n"
       "ratio_to_floor, gbytes_per_s, simd (the kernel variant that ran), the\n"
       "loss and the settings. The environment variable\n"
       "QRLOSS_ISA=baseline|avx2|avx512 lowers the kernel variant.");

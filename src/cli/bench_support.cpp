@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "detail/openmp.hpp"
+#include "detail/passes.hpp"
 #include "qrloss/error.hpp"
 #include "timing.hpp"
 
@@ -126,31 +127,45 @@ void run_triad(AlignedVector<T>& a, const AlignedVector<T>& b,
   for (std::int64_t i = 0; i < n; ++i) a[i] = b[i] + scale * c[i];
 }
 
+/// Returns the number of threads that a loss call given `threads` runs
+/// on: one per chunk of pixels at most (plan_chunks). The floor and the
+/// kernel then use the same team. A 4x5 batch runs on one thread, and a
+/// triad on two threads would mostly time the start of the second.
+std::int64_t call_threads(const Shape& shape, int threads) {
+  std::int64_t pixels = shape[0];
+  for (std::size_t k = 2; k < shape.size(); ++k) pixels *= shape[k];
+  const auto chunks = qrloss::detail::plan_chunks(pixels).num_chunks;
+  return std::min<std::int64_t>(threads, chunks);
+}
+
 template <typename T>
 Timing time_typed(const Workload& workload) {
-  const int threads = qrloss::detail::resolve_threads(workload.threads);
+  const int requested = qrloss::detail::resolve_threads(workload.threads);
+  // The library caps each call at this count, so the triad and the fill of
+  // the buffers use it too.
+  const int team = static_cast<int>(call_threads(workload.shape, requested));
   Buffers<T> buffers =
-      make_buffers<T>(workload.shape, workload.from_logits, threads);
+      make_buffers<T>(workload.shape, workload.from_logits, team);
   LossOptions options;
-  options.num_threads = threads;
+  options.num_threads = requested;
 
   // One untimed run of each warms caches, page tables and the thread pool.
   Timing timing;
   timing.loss = run_kernel(workload, buffers, options);
-  run_triad(buffers.grad, buffers.triad_b, buffers.triad_c, threads);
+  run_triad(buffers.grad, buffers.triad_b, buffers.triad_c, team);
 
   std::vector<double> kernel_s;
   std::vector<double> floor_s;
   for (int r = 0; r < workload.repeat; ++r) {
     floor_s.push_back(seconds([&] {
-      run_triad(buffers.grad, buffers.triad_b, buffers.triad_c, threads);
+      run_triad(buffers.grad, buffers.triad_b, buffers.triad_c, team);
     }));
     kernel_s.push_back(
         seconds([&] { run_kernel(workload, buffers, options); }));
   }
   const double elements = static_cast<double>(buffers.input.size());
   const double bytes = 3.0 * elements * sizeof(T);
-  timing.threads = threads;
+  timing.threads = requested;
   timing.median_s = median(kernel_s);
   timing.min_s = *std::min_element(kernel_s.begin(), kernel_s.end());
   timing.floor_s = median(floor_s);
