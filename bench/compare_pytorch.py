@@ -132,7 +132,10 @@ def run_qrloss(binary, loss, path, shape, dtype, threads, repeat):
         command.append("--from-logits")
     command += ["--shape", ",".join(str(extent) for extent in shape), "--dtype", dtype,
                 "--threads", str(threads), "--repeat", str(repeat)]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    except OSError as error:  # an executable file that is not a program
+        raise RuntimeError(f"{binary} cannot be run: {error}") from None
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed with exit status "
                            f"{completed.returncode}: {completed.stderr.strip()}")
@@ -266,11 +269,12 @@ def main():
     qrloss = find_qrloss(arguments.qrloss)
     if qrloss is None and arguments.qrloss is not None:
         # A path given by hand is a request to compare, not a default to try.
-        print(f"error: --qrloss: no executable file at {arguments.qrloss}",
-              file=sys.stderr)
+        print(f"error: --qrloss: no executable file at {arguments.qrloss}; build qrloss "
+              "(meson setup build-bench -Dbenchmarks=true && ninja -C build-bench) or "
+              "pass the path of the built binary", file=sys.stderr)
         return 2
     if qrloss is None:
-        searched = arguments.qrloss or " or ".join(str(path) for path in DEFAULT_QRLOSS_CANDIDATES)
+        searched = " or ".join(str(path) for path in DEFAULT_QRLOSS_CANDIDATES)
         print(f"qrloss binary not found at {searched}; printing torch timings only. "
               "Build it or pass --qrloss PATH.", file=sys.stderr)
 

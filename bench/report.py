@@ -12,6 +12,7 @@ Example:
 
 import argparse
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -130,10 +131,12 @@ def main():
     parser.add_argument("--only-main", action="store_true",
                         help="print only the main table")
     args = parser.parse_args()
-    if not args.qrloss.exists():
-        sys.exit(f"report.py: qrloss binary not found: {args.qrloss}; build "
-                 "it with meson setup build-bench -Dbenchmarks=true "
-                 "-Dtests=false && ninja -C build-bench")
+    if not (args.qrloss.is_file() and os.access(args.qrloss, os.X_OK)):
+        print(f"report.py: error: --qrloss: no executable file at "
+              f"{args.qrloss}; build it with meson setup build-bench "
+              "-Dbenchmarks=true -Dtests=false && ninja -C build-bench",
+              file=sys.stderr)
+        sys.exit(2)
     main_table(args)
     if not args.only_main:
         scaling_tables(args)

@@ -864,6 +864,16 @@ TEST_SUITE("cli") {
             doctest::Approx(median / floor).epsilon(1e-12));
       CHECK(std::isfinite(output.at("loss").get<double>()));
     }
+
+    // The loss call runs on one thread per 2048 pixels at most, and
+    // call_threads reports that team, which the floor shares: 4160 pixels
+    // make three chunks, so three of four requested threads run.
+    const RunResult team = run_qrloss(dir, {"bench", "--shape", "1,3,64,65",
+                                            "--threads", "4", "--repeat", "1"});
+    REQUIRE(team.status == 0);
+    const nlohmann::json team_output = nlohmann::json::parse(team.out);
+    CHECK(team_output.at("threads") == printed_threads(4));
+    CHECK(team_output.at("call_threads") == printed_threads(3));
   }
 
   TEST_CASE("help lists every option") {
@@ -999,8 +1009,9 @@ TEST_SUITE("cli") {
     INFO("stderr: " << at_limit.err);
     REQUIRE(at_limit.status == 0);
     CHECK(at_limit.err.empty());
-    CHECK(nlohmann::json::parse(at_limit.out).at("threads") ==
-          printed_threads(4096));
+    const nlohmann::json limit_output = nlohmann::json::parse(at_limit.out);
+    CHECK(limit_output.at("threads") == printed_threads(4096));
+    CHECK(limit_output.at("call_threads") == 1);
 
     // An empty item or a space is an error too, and the message quotes the
     // text as typed.

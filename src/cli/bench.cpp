@@ -118,6 +118,7 @@ void run_bench(BenchSettings& settings) {
   output["shape"] = settings.shape;
   output["dtype"] = settings.dtype;
   output["threads"] = timing.threads;
+  output["call_threads"] = timing.call_threads;
   output["repeat"] = settings.repeat;
   output["simd"] = bench::simd_level();
   output["median_s"] = timing.median_s;
@@ -140,10 +141,11 @@ void add_bench_command(CLI::App& app) {
   bench->footer(
       "Prints one JSON object: median_s (median time of loss plus gradient,\n"
       "or of the loss alone with --loss-only), floor_s (a STREAM triad over\n"
-      "as many elements, on the threads the loss call uses: at most one\n"
-      "per 2048 pixels; from cache for shapes that fit),\n"
-      "ratio_to_floor, gbytes_per_s, simd (the kernel variant that ran), the\n"
-      "loss and the settings. The environment variable\n"
+      "as many elements, from cache for shapes that fit), ratio_to_floor,\n"
+      "gbytes_per_s, call_threads (the threads of the loss call and of the\n"
+      "triad: the requested count, but at most one per 2048 pixels, rounded\n"
+      "up, and at most 256), simd (the kernel variant that ran), the loss\n"
+      "and the settings. The environment variable\n"
       "QRLOSS_ISA=baseline|avx2|avx512 lowers the kernel variant.");
 
   bench

@@ -61,8 +61,11 @@ struct Buffers {
   AlignedVector<T> triad_c;
 };
 
-/// Fills probs (or logits) and a prior. Values are written by the threads
-/// that later read them (first touch), which matters on NUMA machines.
+/// Fills probs (or logits) and a prior on the call's threads, so that on
+/// a NUMA machine the pages lie near them (first touch). The split is by
+/// pixel, while the triad splits by element and the kernel hands out
+/// chunks dynamically, so each thread reads some pages that another
+/// wrote.
 template <typename T>
 Buffers<T> make_buffers(const Shape& shape, bool from_logits,
                         [[maybe_unused]] int threads) {
@@ -127,15 +130,15 @@ void run_triad(AlignedVector<T>& a, const AlignedVector<T>& b,
   for (std::int64_t i = 0; i < n; ++i) a[i] = b[i] + scale * c[i];
 }
 
-/// Returns the number of threads that a loss call given `threads` runs
-/// on: one per chunk of pixels at most (plan_chunks). The floor and the
-/// kernel then use the same team. A 4x5 batch runs on one thread, and a
+/// Returns the number of threads that a loss call over `shape` runs on
+/// when given `requested`: one per 2048 pixels (rounded up), at most 256
+/// (qrloss::detail::plan_chunks). A 4x5 batch runs on one thread, and a
 /// triad on two threads would mostly time the start of the second.
-std::int64_t call_threads(const Shape& shape, int threads) {
+int team_for(const Shape& shape, int requested) {
   std::int64_t pixels = shape[0];
   for (std::size_t k = 2; k < shape.size(); ++k) pixels *= shape[k];
-  const auto chunks = qrloss::detail::plan_chunks(pixels).num_chunks;
-  return std::min<std::int64_t>(threads, chunks);
+  return qrloss::detail::call_threads(qrloss::detail::plan_chunks(pixels),
+                                      requested);
 }
 
 template <typename T>
@@ -143,7 +146,7 @@ Timing time_typed(const Workload& workload) {
   const int requested = qrloss::detail::resolve_threads(workload.threads);
   // The library caps each call at this count, so the triad and the fill of
   // the buffers use it too.
-  const int team = static_cast<int>(call_threads(workload.shape, requested));
+  const int team = team_for(workload.shape, requested);
   Buffers<T> buffers =
       make_buffers<T>(workload.shape, workload.from_logits, team);
   LossOptions options;
@@ -166,6 +169,7 @@ Timing time_typed(const Workload& workload) {
   const double elements = static_cast<double>(buffers.input.size());
   const double bytes = 3.0 * elements * sizeof(T);
   timing.threads = requested;
+  timing.call_threads = team;
   timing.median_s = median(kernel_s);
   timing.min_s = *std::min_element(kernel_s.begin(), kernel_s.end());
   timing.floor_s = median(floor_s);

@@ -66,8 +66,7 @@ CallSetup setup_call(const char* function, const T* input, const T* target,
   }
   call.plan = plan_chunks(call.geometry.num_pixels());
   call.tile = tile_pixels(call.geometry.C);
-  call.threads = static_cast<int>(std::min<Index>(
-      resolve_threads(options.num_threads), call.plan.num_chunks));
+  call.threads = call_threads(call.plan, resolve_threads(options.num_threads));
   call.eps = options.eps;
   call.check = options.check_finite;
   call.inv_pixels = 1.0 / static_cast<double>(call.geometry.num_pixels());

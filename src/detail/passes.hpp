@@ -165,6 +165,13 @@ inline ChunkPlan plan_chunks(Index num_pixels) {
   return plan;
 }
 
+/// Returns the number of threads that a call planned as `plan` runs on,
+/// given `requested` (already resolved, >= 1): one per chunk at most.
+/// `qrloss bench` uses it too, so that its floor runs on the same team.
+inline int call_threads(const ChunkPlan& plan, int requested) {
+  return static_cast<int>(std::min<Index>(requested, plan.num_chunks));
+}
+
 /// Pixels per tile: a tile contains all C classes of its pixels in scratch.
 /// Depends only on C, so per-pixel results never depend on threads.
 inline Index tile_pixels(Index C) {
