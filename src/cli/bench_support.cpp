@@ -134,7 +134,7 @@ void run_triad(AlignedVector<T>& a, const AlignedVector<T>& b,
 /// when given `requested`: one per 2048 pixels (rounded up), at most 256
 /// (qrloss::detail::plan_chunks). A 4x5 batch runs on one thread, and a
 /// triad on two threads would mostly time the start of the second.
-int team_for(const Shape& shape, int requested) {
+int call_threads_for_shape(const Shape& shape, int requested) {
   std::int64_t pixels = shape[0];
   for (std::size_t k = 2; k < shape.size(); ++k) pixels *= shape[k];
   return qrloss::detail::call_threads(qrloss::detail::plan_chunks(pixels),
@@ -144,9 +144,7 @@ int team_for(const Shape& shape, int requested) {
 template <typename T>
 Timing time_typed(const Workload& workload) {
   const int requested = qrloss::detail::resolve_threads(workload.threads);
-  // The library caps each call at this count, so the triad and the fill of
-  // the buffers use it too.
-  const int team = team_for(workload.shape, requested);
+  const int team = call_threads_for_shape(workload.shape, requested);
   Buffers<T> buffers =
       make_buffers<T>(workload.shape, workload.from_logits, team);
   LossOptions options;

@@ -193,8 +193,8 @@ inline void log_to(const T* x, T* y, Index n) {
 /// lengths ahead. It issues one line per stream for each 64 bytes of
 /// progress instead of all of them at once. Issued at once, they stalled
 /// the core: on the Intel Xeon guest of docs/performance.md, 17 % of RQ's
-/// second-pass samples sat on them, and spreading them took 4 to 13 % off
-/// each float32 loss with AVX-512 (23 % off float64 QR from logits).
+/// second-pass samples sat on them. Spreading them took 4 to 13 % off
+/// each float32 loss with AVX-512, and 23 % off float64 QR from logits.
 /// Returns the first index that no packet covered.
 template <typename T, typename PacketAt>
 inline Index for_each_packet_prefetching(Index n, const T* a, const T* b,
