@@ -131,20 +131,22 @@ void run_triad(AlignedVector<T>& a, const AlignedVector<T>& b,
 }
 
 /// Returns the number of threads that a loss call over `shape` runs on
-/// when given `requested`: one per 2048 pixels (rounded up), at most 256
-/// (qrloss::detail::plan_chunks). A 4x5 batch runs on one thread, and a
-/// triad on two threads would mostly time the start of the second.
+/// when given `requested`: one per 2048 pixels (rounded up), at most 256.
+/// The pixels are counted by the library's own geometry (B*H*W, or B for
+/// B x C). A 4x5 batch runs on one thread, and a triad on two threads would
+/// mostly time the start of the second.
+template <typename T>
 int call_threads_for_shape(const Shape& shape, int requested) {
-  std::int64_t pixels = shape[0];
-  for (std::size_t k = 2; k < shape.size(); ++k) pixels *= shape[k];
-  return qrloss::detail::call_threads(qrloss::detail::plan_chunks(pixels),
-                                      requested);
+  const qrloss::detail::Geometry geometry =
+      qrloss::detail::make_geometry("qrloss bench", "probs", shape, sizeof(T));
+  return qrloss::detail::call_threads(
+      qrloss::detail::plan_chunks(geometry.num_pixels()), requested);
 }
 
 template <typename T>
 Timing time_typed(const Workload& workload) {
   const int requested = qrloss::detail::resolve_threads(workload.threads);
-  const int team = call_threads_for_shape(workload.shape, requested);
+  const int team = call_threads_for_shape<T>(workload.shape, requested);
   Buffers<T> buffers =
       make_buffers<T>(workload.shape, workload.from_logits, team);
   LossOptions options;

@@ -22,7 +22,7 @@ struct Workload {
 
 /// Medians over the repeats. The floor is a STREAM-style triad
 /// a[i] = b[i] + s * c[i] over as many elements of the same type, on the
-/// threads that the loss call runs on (call_threads); each repeat runs the
+/// threads that the loss call runs on (call_threads). Each repeat runs the
 /// triad right before the kernel, so both see the same machine load.
 struct Timing {
   double median_s = 0.0;
@@ -34,8 +34,8 @@ struct Timing {
   double floor_gbytes_per_s = 0.0;
   double pixels_per_s = 0.0;
   double loss = 0.0;
-  int threads = 0;       // requested, after resolving 0
-  int call_threads = 0;  // what the loss call and the triad ran on
+  int threads = 0;       // threads requested, 0 resolved to OpenMP's default
+  int call_threads = 0;  // threads that the loss call and the triad ran on
 };
 
 /// Times a workload on synthetic inputs: per-pixel probabilities and a

@@ -225,8 +225,8 @@ inline Index for_each_packet_prefetching(Index n, const T* a, const T* b,
   return i;
 }
 
-/// log_to that also prefetches the rows a and b (b may be null) as
-/// for_each_packet_prefetching does.
+/// Writes log(x[i]) to y[i] as log_to does, and prefetches the rows a and
+/// b (b may be null) as for_each_packet_prefetching does.
 template <typename T>
 inline void log_to_prefetching(const T* x, T* y, Index n, const T* a,
                                const T* b) {
@@ -243,8 +243,8 @@ inline void log_shifted(const T* x, T shift, T* y, Index n) {
                 [shift](auto v) { return vlog_packet(v + shift); });
 }
 
-/// log_shifted that also prefetches the rows a and b (b may be null) as
-/// for_each_packet_prefetching does.
+/// Writes log(x[i] + shift) to y[i] as log_shifted does, and prefetches
+/// the rows a and b (b may be null) as for_each_packet_prefetching does.
 template <typename T>
 inline void log_shifted_prefetching(const T* x, T shift, T* y, Index n,
                                     const T* a, const T* b) {
@@ -261,8 +261,8 @@ inline void exp_difference(const T* x, const T* z, T* y, Index n) {
                  [](auto a, auto b) { return vexp_packet(a - b); });
 }
 
-/// exp_difference that also prefetches the rows a and b (b may be null)
-/// as for_each_packet_prefetching does.
+/// Writes exp(x[i] - z[i]) to y[i] as exp_difference does, and prefetches
+/// the rows a and b (b may be null) as for_each_packet_prefetching does.
 template <typename T>
 inline void exp_difference_prefetching(const T* x, const T* z, T* y, Index n,
                                        const T* a, const T* b = nullptr) {
